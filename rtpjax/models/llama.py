@@ -1,0 +1,132 @@
+"""The Llama family (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2) as pure functions.
+
+Weights keep HF's [out, in] orientation and are fused by reshape + concatenate only, so loading never
+transposes and the fused projections shard on heads:
+- w_qkv [K, G+2, H, D]: per KV head, its G query heads, then its key head, then its value head;
+  query head n = k·G + g, exactly HF's order. One matmul computes q, k and v.
+- w_gate_up [2, F, D]: gate then up. One matmul computes both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from rtpjax.config import ModelConfig
+from rtpjax.layers.attention import Attention
+from rtpjax.layers.norm import rms_norm
+from rtpjax.layers.rope import apply_rope, cos_sin, inv_freq
+from rtpjax.models.params import ArrayInfo, normal_init, ones_init, zeros_init
+from rtpjax.sharding.rules import constrain
+
+
+@flax.struct.dataclass
+class Layer:
+    attn_norm: Any  # [D]
+    w_qkv: Any  # [K, G+2, H, D]
+    b_qkv: Any  # [K, G+2, H] or None
+    q_norm: Any  # [H] or None (Qwen3)
+    k_norm: Any  # [H] or None (Qwen3)
+    w_o: Any  # [D, K, G, H]
+    b_o: Any  # [D] or None
+    mlp_norm: Any  # [D]
+    w_gate_up: Any  # [2, F, D]
+    w_down: Any  # [D, F]
+
+
+@flax.struct.dataclass
+class Params:
+    embed: Any  # [V, D]
+    layers: Any  # list[Layer], one per layer (not stacked: each layer's weights stay contiguous)
+    final_norm: Any  # [D]
+    lm_head: Any  # [V, D] or None when tied to `embed`
+
+
+def spec(cfg: ModelConfig, dtype: Any = jnp.bfloat16) -> Params:
+    """Every weight of the model, declared once."""
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    K, G, H = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
+
+    def w(shape, axes, init=normal_init()):
+        return ArrayInfo(tuple(shape), dtype, tuple(axes), init)
+
+    def layer() -> Layer:
+        return Layer(
+            attn_norm=w((D,), ("norm",), ones_init),
+            w_qkv=w((K, G + 2, H, D), ("kv_heads", "qkv", "head_dim", "embed")),
+            b_qkv=w((K, G + 2, H), ("kv_heads", "qkv", "head_dim"), zeros_init)
+            if cfg.qkv_bias else None,
+            q_norm=w((H,), ("norm",), ones_init) if cfg.qk_norm else None,
+            k_norm=w((H,), ("norm",), ones_init) if cfg.qk_norm else None,
+            w_o=w((D, K, G, H), ("embed", "kv_heads", "qkv", "head_dim")),
+            b_o=w((D,), ("norm",), zeros_init) if cfg.o_bias else None,
+            mlp_norm=w((D,), ("norm",), ones_init),
+            w_gate_up=w((2, F, D), ("gate_up", "mlp", "embed")),
+            w_down=w((D, F), ("embed", "mlp")),
+        )
+
+    return Params(
+        embed=w((V, D), ("vocab", "embed")),
+        layers=[layer() for _ in range(cfg.num_layers)],
+        final_norm=w((D,), ("norm",), ones_init),
+        lm_head=None if cfg.tie_word_embeddings else w((V, D), ("vocab", "embed")),
+    )
+
+
+def block(layer: Layer, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array,
+          cache: Any, meta: Any, attention: Attention) -> tuple[jax.Array, Any]:
+    """One decoder layer. x: [T, D]; cos, sin: [T, H]. Returns (x [T, D], cache)."""
+    G = cfg.q_per_kv
+    h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+    qkv = jnp.einsum("TD,KCHD->TKCH", h, layer.w_qkv)  # [T, K, G+2, H]
+    if layer.b_qkv is not None:
+        qkv = qkv + layer.b_qkv
+    qkv = constrain(qkv, ("tokens", "kv_heads", "qkv", "head_dim"))
+    q, k, v = qkv[:, :, :G], qkv[:, :, G], qkv[:, :, G + 1]  # [T,K,G,H], [T,K,H], [T,K,H]
+    if layer.q_norm is not None:
+        q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
+        k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    o, cache = attention(q, k, v, cache, meta)  # [T, K, G, H]
+    attn_out = jnp.einsum("TKGH,DKGH->TD", o, layer.w_o)
+    if layer.b_o is not None:
+        attn_out = attn_out + layer.b_o
+    x = x + attn_out
+    h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
+    gate_up = jnp.einsum("TD,CFD->TCF", h, layer.w_gate_up)  # [T, 2, F]
+    gate_up = constrain(gate_up, ("tokens", "gate_up", "mlp"))
+    act = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]  # [T, F]
+    x = x + jnp.einsum("TF,DF->TD", act, layer.w_down)
+    return constrain(x, ("tokens", "embed")), cache
+
+
+def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
+            caches: list[Any], meta: Any, attention: Attention, *,
+            collect_hidden: bool = False) -> tuple[jax.Array, list[Any], list[jax.Array]]:
+    """tokens, positions: i32[T] → (final-normed hidden [T, D], updated caches, per-layer hidden).
+
+    `collect_hidden` returns the residual stream after the embedding and after every layer (as HF's
+    output_hidden_states does, except that HF's last entry is after the final norm)."""
+    x = jnp.take(params.embed, tokens, axis=0)  # [T, D]
+    x = constrain(x, ("tokens", "embed"))
+    cos, sin = cos_sin(positions, inv_freq(cfg), x.dtype)
+    hidden = [x] if collect_hidden else []
+    new_caches = []
+    for i, layer in enumerate(params.layers):
+        with jax.named_scope(f"layer{i}"):
+            x, cache = block(layer, cfg, x, cos, sin, caches[i], meta, attention)
+        new_caches.append(cache)
+        if collect_hidden:
+            hidden.append(x)
+    x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    return x, new_caches, hidden
+
+
+def logits(params: Params, x: jax.Array) -> jax.Array:
+    """x: [T, D] (final-normed) → f32[T, V]."""
+    head = params.embed if params.lm_head is None else params.lm_head
+    out = jnp.einsum("TD,VD->TV", x, head, preferred_element_type=jnp.float32)
+    return constrain(out, ("tokens", "vocab"))

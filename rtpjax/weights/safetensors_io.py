@@ -1,0 +1,181 @@
+"""HF safetensors checkpoints (one file or sharded with model.safetensors.index.json), read by mmap.
+
+The format is an 8-byte little-endian header length, a JSON header of {name: {dtype, shape,
+data_offsets}}, then the raw bytes. We parse it ourselves so every tensor is a zero-copy view of the
+mapped file, its place on disk is known (the fast loader reads in file order), and a truncated or
+corrupt file is caught before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+
+import ml_dtypes
+import numpy as np
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    file: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in `file`
+    nbytes: int
+
+
+class SafetensorsFile:
+    """One .safetensors file: a validated header and mmap views of its tensors."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"{self.path}: not found")
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{self.path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise ValueError(f"{self.path}: corrupt safetensors header (length {n}, file {size} "
+                                 "bytes): truncated or not a safetensors file")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{self.path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        self.metadata = header.pop("__metadata__", None) or {}
+        base = 8 + n
+        self.entries: dict[str, TensorEntry] = {}
+        for name, e in header.items():
+            try:
+                dtype = DTYPES[e["dtype"]]
+                shape = tuple(int(d) for d in e["shape"])
+                begin, end = (int(o) for o in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{self.path}: corrupt header entry for tensor {name!r}: {e}") from None
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if end - begin != nbytes:
+                raise ValueError(f"{self.path}: tensor {name!r} has {end - begin} bytes, its shape "
+                                 f"{shape} and dtype {e['dtype']} need {nbytes}")
+            if base + end > size:
+                raise ValueError(f"{self.path}: truncated: tensor {name!r} ends at byte {base + end}, "
+                                 f"the file has {size}")
+            self.entries[name] = TensorEntry(name, self.path, dtype, shape, base + begin, nbytes)
+        self._mmap: mmap.mmap | None = None
+
+    def _map(self) -> mmap.mmap:
+        if self._mmap is None:
+            with open(self.path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mmap
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A read-only view into the mapped file (no copy)."""
+        e = self.entries[name]
+        count = e.nbytes // e.dtype.itemsize
+        return np.frombuffer(self._map(), e.dtype, count, e.offset).reshape(e.shape)
+
+
+class SafetensorsCheckpoint:
+    """An HF checkpoint directory (or a single .safetensors file): tensor names → arrays."""
+
+    INDEX = "model.safetensors.index.json"
+
+    def __init__(self, path: str | os.PathLike):
+        path = os.fspath(path)
+        self.path = path
+        if os.path.isfile(path):
+            files = [path]
+        elif not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: not found")
+        elif os.path.isfile(os.path.join(path, self.INDEX)):
+            files = self._files_from_index(os.path.join(path, self.INDEX))
+        elif os.path.isfile(os.path.join(path, "model.safetensors")):
+            files = [os.path.join(path, "model.safetensors")]
+        else:
+            found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            if not found:
+                raise FileNotFoundError(f"{path}: no model.safetensors or {self.INDEX} "
+                                        "(only safetensors checkpoints are read; convert .bin files)")
+            files = [os.path.join(path, f) for f in found]
+        self.files = [SafetensorsFile(f) for f in files]
+        self._where: dict[str, SafetensorsFile] = {}
+        for f in self.files:
+            for name in f.entries:
+                if name in self._where:
+                    raise ValueError(f"{f.path}: tensor {name!r} also in {self._where[name].path}")
+                self._where[name] = f
+
+    def _files_from_index(self, index: str) -> list[str]:
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: corrupt index ({e!r})") from None
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            p = os.path.join(os.path.dirname(index), name)
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"{p}: listed in {index} but missing")
+            files.append(p)
+        return files
+
+    def tensor_names(self) -> list[str]:
+        return list(self._where)
+
+    def entry(self, name: str) -> TensorEntry:
+        return self._where[name].entries[name]
+
+    def tensor(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise KeyError(f"{self.path}: tensor {name!r} not in checkpoint")
+        return self._where[name].tensor(name)
+
+    def entries_in_file_order(self) -> Iterator[TensorEntry]:
+        for f in self.files:
+            yield from sorted(f.entries.values(), key=lambda e: e.offset)
+
+
+def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike,
+              metadata: dict[str, str] | None = None) -> None:
+    """Write a .safetensors file (tensors in the given order)."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    arrays = []
+    for name, a in tensors.items():
+        a = np.ascontiguousarray(a)
+        if a.dtype not in DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
+        header[name] = {"dtype": DTYPE_NAMES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned, as safetensors does
+    tmp = os.fspath(path) + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in arrays:
+            f.write(a.tobytes())
+    os.replace(tmp, path)
