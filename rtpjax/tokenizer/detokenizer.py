@@ -1,0 +1,105 @@
+"""IncrementalDetokenizer: the text of a generated sequence, growing one token at a time.
+
+Contract: the deltas returned by `add` (plus `finish` at the end) concatenate to exactly
+`tokenizer.decode(token_ids, skip_special_tokens)` of the output ids; a delta is "" while the
+last tokens end inside a multi-byte UTF-8 character, so a stream never shows a replacement
+character that the full decode would not show.
+
+Two paths:
+- byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM): decode is the UTF-8 of the tokens' bytes, so each
+  token's bytes go through an incremental UTF-8 decoder: O(1) per token.
+- any other decoder (SentencePiece's byte fallback and leading-space strip...): decode a short
+  window of recent tokens and emit what it adds beyond the previous window (vLLM's offsets).
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Sequence
+
+from rtpjax.tokenizer.tokenizer import Tokenizer
+
+_REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Streams the text of one sequence's output tokens.
+
+    `prompt_ids` is taken for the engine's convenience (vLLM's detokenizer takes it too) but not
+    read: the text is defined as decode(output ids), which the prompt does not change.
+    """
+
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_len = len(prompt_ids)
+        self.skip_special_tokens = skip_special_tokens
+        self.token_ids: list[int] = []
+        self.text = ""
+        self._pieces = tokenizer.byte_level_pieces()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # Window path: token_ids[prefix:read] was decoded last time and is text already emitted.
+        self._prefix = 0
+        self._read = 0
+        self._byte_fallback = bool(getattr(tokenizer.backend.model, "byte_fallback", False))
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the text it completes ("" while a character is incomplete)."""
+        token_id = int(token_id)
+        self.token_ids.append(token_id)
+        if self._pieces is not None:
+            delta = self._utf8.decode(self._pieces.get(token_id, self.skip_special_tokens))
+        else:
+            delta = self._add_windowed()
+        self.text += delta
+        return delta
+
+    def finish(self) -> str:
+        """End of stream: return what decode() shows beyond the deltas so far, e.g. U+FFFD for
+        bytes of a character the sequence never completed."""
+        if self._pieces is not None:
+            delta = self._utf8.decode(b"", final=True)
+        else:
+            full = self._decode(self.token_ids)
+            delta = full[len(self.text) :] if full.startswith(self.text) else ""
+        self.text += delta
+        return delta
+
+    def _add_windowed(self) -> str:
+        ids = self.token_ids
+        if self._adds_nothing_yet(ids[-1]):
+            return ""
+        before = self._decode(ids[self._prefix : self._read])
+        after = self._decode(ids[self._prefix :])
+        if len(after) <= len(before) or after.endswith(_REPLACEMENT):
+            # Nothing new, or the last token ends inside a character: wait for the next one.
+            return ""
+        # Move the window: the next call decodes from the tokens just emitted, so decoders that
+        # treat the first token specially (SentencePiece strips its leading space) see the same
+        # first token on both sides of the subtraction.
+        self._prefix, self._read = self._read, len(ids)
+        return after[len(before) :]
+
+    def _adds_nothing_yet(self, token_id: int) -> bool:
+        """True for a token whose text may still change or that decode() drops.
+
+        Byte-fallback decoding turns a whole run of byte tokens (<0x..>) into U+FFFDs when the run
+        is not valid UTF-8, so even a valid "K" can become U+FFFD when the next byte token comes:
+        a run is emitted only once a token that is not a byte token closes it. A special token
+        that decode() skips adds nothing and does not close a run (the bytes around it join).
+        """
+        if self.skip_special_tokens and token_id in self.tokenizer.special_added_ids:
+            return True
+        token = self.tokenizer.backend.id_to_token(token_id)
+        if token is None:  # decode() drops unknown ids
+            return True
+        return self._byte_fallback and _is_byte_token(token)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+
+def _is_byte_token(token: str) -> bool:
+    """SentencePiece's byte tokens: <0x00> .. <0xFF>."""
+    return len(token) == 6 and token.startswith("<0x") and token.endswith(">")
