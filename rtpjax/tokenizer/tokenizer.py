@@ -91,7 +91,14 @@ _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 class Tokenizer:
-    """Encode, decode and render chats, matching transformers' tokenizer for the same files."""
+    """Encode, decode and render chats, matching transformers' tokenizer for the same files.
+
+    vocab_size counts every id the tokenizer can produce (added tokens included). all_special_ids
+    holds the named special tokens and every added token flagged special (exactly the ids that
+    decode(skip_special_tokens=True) drops). eos_token_ids holds eos, generation_config.json's
+    eos ids (GGUF: tokenizer.ggml.eot/eom_token_id), and any END_OF_TURN_TOKENS entry that is a
+    special token of this tokenizer and appears in one of its chat templates.
+    """
 
     def __init__(
         self,
@@ -257,9 +264,8 @@ class Tokenizer:
             add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", True))
             backend = _gguf_sentencepiece(metadata, tokens, source)
             control = [t for t, k in zip(tokens, types, strict=False) if k == _CONTROL]
-            first = [
-                t for t in ("<unk>", "<s>", "</s>") if t in tokens
-            ]  # LlamaTokenizer's defaults
+            # LlamaTokenizer's default special tokens, when the vocabulary has them.
+            first = [t for t in ("<unk>", "<s>", "</s>") if t in tokens]
         else:
             raise ValueError(
                 f"{source}: tokenizer.ggml.model={kind!r} is not supported; supported: 'gpt2' "

@@ -1,5 +1,6 @@
-"""Chat templates: transformers' rendered text and ids for every golden conversation (GGUF path and
-tokenizer.json path), and the Jinja environment's behaviour (helpers, sandbox, errors)."""
+"""Chat templates: transformers' rendered text and ids for every golden conversation, and the
+Jinja environment's behaviour (helpers, sandbox, errors). test_tokenizer.py checks the same
+conversations through the GGUF path; here the tokenizer.json path (faster to load) is used."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from datetime import datetime
 
 import pytest
 
-from rtpjax.env import default_model_path
 from rtpjax.tokenizer import Tokenizer, render_chat
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "tokenizer"
@@ -21,10 +21,8 @@ def goldens() -> dict:
     return json.loads((FIXTURES / "smollm2_goldens.json").read_text(encoding="utf-8"))
 
 
-@pytest.fixture(scope="module", params=["gguf", "dir"])
-def tok(request) -> Tokenizer:
-    if request.param == "gguf":
-        return Tokenizer.from_pretrained(default_model_path())
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
     return Tokenizer.from_pretrained(FIXTURES / "smollm2")
 
 

@@ -74,6 +74,15 @@ def check_goldens(tok: Tokenizer, g: dict) -> None:
         got = [tok.decode(ids, skip_special_tokens=flag) for ids in g["random_ids"]]
         assert _mismatches(g["random_ids"], got, g[key]) == [], key
     assert tok.convert_ids_to_tokens(g["probe_ids"]) == g["probe_tokens"]
+    for case in g["chats"]:  # test_chat_template.py has the details; here: every path agrees
+        args = dict(
+            add_generation_prompt=case["add_generation_prompt"],
+            tools=case.get("tools"),
+            chat_template=case.get("chat_template"),
+            **(case.get("kwargs") or {}),
+        )
+        assert tok.apply_chat_template(case["messages"], tokenize=False, **args) == case["text"]
+        assert tok.apply_chat_template(case["messages"], **args) == case["ids"]
     t = g["tokenizer"]
     assert tok.vocab_size == t["vocab_size"]
     assert (tok.bos_token_id, tok.eos_token_id) == (t["bos_token_id"], t["eos_token_id"])
