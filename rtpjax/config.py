@@ -141,7 +141,7 @@ class ModelConfig:
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             source = path
-            config = _read_json(path)
+            config = read_json(path)
         where = f"{source}: " if source else ""
         try:
             return _from_hf_dict(config)
@@ -182,7 +182,8 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _read_json(path: str) -> dict[str, Any]:
+def read_json(path: str) -> dict[str, Any]:
+    """A JSON object from `path`; one-line errors naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: not found")
     try:

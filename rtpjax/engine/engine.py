@@ -1,0 +1,349 @@
+"""LLMEngine: requests in, RequestOutputs out; owns the scheduler, the block manager and the runner.
+
+A request with n > 1 becomes n sequences. `step()` runs the pipeline
+
+    schedule N+1 → prepare → launch N+1 (async)  ‖  fetch N → update → detokenize → stop strings
+
+so the host works on one step while the device runs the previous one (the "overlap"). A step whose
+sampling needs the previous tokens on the host (penalties) is synchronised instead.
+
+Bad input never reaches the scheduler: add_request validates and raises ValueError naming the field;
+a failure of one request never touches the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Sequence as Seq
+
+import numpy as np
+
+from rtpjax.config import ModelConfig
+from rtpjax.engine.block_manager import BlockManager
+from rtpjax.engine.model_runner import InflightStep, ModelRunner, StepResult
+from rtpjax.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from rtpjax.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from rtpjax.engine.sequence import FinishReason, Sequence
+from rtpjax.sampling_params import SamplingParams
+from rtpjax.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger("rtpjax.engine")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int = 2048
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    page_size: int = 16
+    num_pages: int | None = None  # explicit KV pool size (else from memory)
+    kv_cache_memory_fraction: float = 0.9
+    enable_prefix_caching: bool = True
+    long_prefill_token_threshold: int = 0
+    policy: str = "fcfs"
+    async_scheduling: bool = True
+    attention_impl: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        if self.page_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"page_size={self.page_size} must be one of 8, 16, 32, 64, 128")
+        if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
+            raise ValueError(f"num_pages={self.num_pages!r} must be an integer >= 2 or None")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError(f"kv_cache_memory_fraction={self.kv_cache_memory_fraction} must be "
+                             "in (0, 1]")
+
+
+@dataclasses.dataclass
+class _SeqState:
+    seq: Sequence
+    index: int
+    detok: IncrementalDetokenizer
+    text: str = ""
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float = 0.0
+    stop_reason: int | str | None = None
+
+
+@dataclasses.dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[_SeqState]
+    metrics: RequestMetrics
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.seq.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, cfg: ModelConfig, params, tokenizer: Tokenizer, mesh, config: EngineConfig,
+                 *, num_pages: int):
+        self.model_config = cfg
+        self.tokenizer = tokenizer
+        self.config = config
+        self.eos_token_ids = frozenset(cfg.eos_token_ids) | tokenizer.eos_token_ids
+        self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=config.max_model_len, page_size=config.page_size,
+                long_prefill_token_threshold=config.long_prefill_token_threshold,
+                policy=config.policy),
+            self.block_manager)
+        self.runner = ModelRunner(
+            cfg, params, mesh, num_pages=num_pages, page_size=config.page_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len, attention_impl=config.attention_impl)
+        self._requests: dict[str, _Request] = {}
+        self._by_seq: dict[int, tuple[_Request, _SeqState]] = {}
+        self._inflight: InflightStep | None = None
+        self._rng = random.Random(config.seed)
+        self.stats = EngineStats()
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def validate(self, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
+        """Raise ValueError naming what is wrong with a request for this model; queue nothing."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt is empty: at least one token is needed")
+        limit = self.config.max_model_len
+        if n >= limit:
+            raise ValueError(f"prompt has {n} tokens; max_model_len={limit} allows at most "
+                             f"{limit - 1} prompt tokens (one output token must fit)")
+        V = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= int(t) < V]
+        if bad:
+            raise ValueError(f"prompt_token_ids contains {bad[0]}, outside the vocabulary [0, {V})")
+        for t in params.stop_token_ids:
+            if not 0 <= t < V:
+                raise ValueError(f"stop_token_ids contains {t}, outside the vocabulary [0, {V})")
+        for t in params.logit_bias or {}:
+            if not 0 <= t < V:
+                raise ValueError(f"logit_bias key {t} is outside the vocabulary [0, {V})")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: Seq[int],
+                    params: SamplingParams, *, arrival_time: float | None = None,
+                    priority: int = 0, cache_salt: str | None = None) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request_id={request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        now = time.monotonic() if arrival_time is None else arrival_time
+        ids = [int(t) for t in prompt_token_ids]
+        max_tokens = self.config.max_model_len - len(ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        extra = ("salt", cache_salt) if cache_salt else ()
+        req = _Request(request_id, prompt, ids, params, [], RequestMetrics(arrival_time=now))
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]  # the first prompt token has no logprob (as vLLM)
+        for i in range(params.n):
+            seq = Sequence(request_id, ids, max_tokens=max_tokens, params=params,
+                           arrival_time=now, priority=priority, extra_hash_keys=extra,
+                           stop_token_ids=self.eos_token_ids,
+                           min_tokens=min(params.min_tokens, max_tokens))
+            seed = params.seed + i if params.seed is not None else self._rng.getrandbits(32)
+            self.runner.register(seq.seq_id, seed)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            state = _SeqState(seq, i, detok, logprobs=[] if params.logprobs is not None else None)
+            req.seqs.append(state)
+            self._by_seq[seq.seq_id] = (req, state)
+            self.scheduler.add(seq)
+        self._requests[request_id] = req
+        self.stats.requests_added += 1
+
+    def abort_request(self, request_id: str) -> bool:
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        for s in req.seqs:
+            if not s.seq.is_finished:
+                self.scheduler.finish(s.seq, FinishReason.ABORT)
+        self._retire(req)
+        self.stats.requests_aborted += 1
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or self._inflight is not None
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduling step; returns the requests that progressed (cumulative outputs)."""
+        changed: dict[str, _Request] = {}
+        prev = self._inflight
+        self._inflight = None
+        if prev is not None and (prev.prepared.needs_sync or not self.config.async_scheduling):
+            self._process(prev, changed)
+            prev = None
+        sched = self.scheduler.schedule()
+        if sched.chunks:
+            t0 = time.perf_counter()
+            prepared = self.runner.prepare(sched)
+            self._inflight = self.runner.execute(prepared)
+            self.stats.record_step(sched, time.perf_counter() - t0)
+        if prev is not None:
+            self._process(prev, changed)
+        elif not sched.chunks and self._inflight is None and self.scheduler.has_work():
+            raise RuntimeError("scheduler made no progress with work pending (engine bug)")
+        return [self._output(r) for r in changed.values()]
+
+    def _process(self, inflight: InflightStep, changed: dict[str, _Request]) -> None:
+        result: StepResult = self.runner.fetch(inflight)
+        now = time.monotonic()
+        for seq_id, (start, lp, top_i, top_lp) in result.prompt_logprobs.items():
+            self._add_prompt_logprobs(seq_id, start, lp, top_i, top_lp)
+        sampled = {sid: [int(t)] for sid, t in zip(result.seq_ids, result.token_ids)}
+        upd = self.scheduler.update(sampled)
+        row = {sid: i for i, sid in enumerate(result.seq_ids)}
+        for seq in upd.updated:
+            entry = self._by_seq.get(seq.seq_id)
+            if entry is None:
+                continue
+            req, state = entry
+            i = row[seq.seq_id]
+            token = seq.output_token_ids[-1]
+            m = req.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+                m.num_cached_tokens = max(m.num_cached_tokens, seq.num_cached_tokens)
+            m.token_times.append(now)
+            if state.logprobs is not None:
+                k = req.params.logprobs
+                d = {int(t): float(v) for t, v in zip(result.top_ids[i][:k],
+                                                     result.top_logprobs[i][:k])}
+                d[token] = float(result.logprob[i])
+                state.logprobs.append(d)
+                state.cumulative_logprob += float(result.logprob[i])
+            self._append_text(req, state, token)
+            changed[req.request_id] = req
+        for req in list(changed.values()):
+            if req.finished:
+                self._retire(req)
+
+    def _append_text(self, req: _Request, state: _SeqState, token: int) -> None:
+        seq, p = state.seq, req.params
+        stopped_by_token = seq.is_finished and seq.finish_reason == FinishReason.STOP
+        if stopped_by_token:
+            # A stop token's text is not part of the output (as vLLM); EOS decodes to "" anyway.
+            state.stop_reason = token if token in p.stop_token_ids else None
+            if p.include_stop_str_in_output and token in p.stop_token_ids:
+                state.text += state.detok.add(token)
+            return
+        delta = state.detok.add(token)
+        if not p.stop:
+            state.text += delta
+            return
+        before = len(state.text)
+        state.text += delta
+        longest = max(map(len, p.stop))
+        begin = max(0, before - longest + 1)
+        hit = None
+        for s in p.stop:
+            j = state.text.find(s, begin)
+            if j >= 0 and (hit is None or j < hit[0]):
+                hit = (j, s)
+        if hit is not None:
+            j, s = hit
+            state.text = state.text[: j + len(s)] if p.include_stop_str_in_output else state.text[:j]
+            state.stop_reason = s
+            self.scheduler.finish(seq, FinishReason.STOP)
+
+    def _add_prompt_logprobs(self, seq_id, start, lp, top_i, top_lp) -> None:
+        entry = self._by_seq.get(seq_id)
+        if entry is None:
+            return
+        req, state = entry
+        if state.index != 0 or req.prompt_logprobs is None:
+            return
+        k = req.params.prompt_logprobs
+        n = len(req.prompt_token_ids)
+        for j in range(len(lp)):
+            pos = start + j + 1  # logits at position p predict token p+1
+            if pos >= n or pos != len(req.prompt_logprobs):
+                continue
+            d = {int(t): float(v) for t, v in zip(top_i[j][:k], top_lp[j][:k])}
+            d[req.prompt_token_ids[pos]] = float(lp[j])
+            req.prompt_logprobs.append(d)
+
+    def _retire(self, req: _Request) -> None:
+        self._requests.pop(req.request_id, None)
+        req.metrics.finished_time = time.monotonic()
+        for s in req.seqs:
+            self._by_seq.pop(s.seq.seq_id, None)
+            self.runner.release(s.seq.seq_id)
+            req.metrics.num_preemptions += s.seq.num_preemptions
+        if req.finished and req.error is None:
+            self.stats.requests_finished += 1
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outs = []
+        for s in req.seqs:
+            reason = s.seq.finish_reason
+            outs.append(CompletionOutput(
+                index=s.index, text=s.text, token_ids=list(s.seq.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                logprobs=s.logprobs, finish_reason=None if reason is None else str(reason.value),
+                stop_reason=s.stop_reason))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.prompt_logprobs,
+                             outs, req.finished, req.metrics, req.error)
+
+    # -- introspection ----------------------------------------------------------------------------
+
+    def kv_usage(self) -> float:
+        return self.block_manager.usage()
+
+    def prefix_cache_hit_rate(self) -> float:
+        return self.block_manager.prefix_hit_rate
+
+
+@dataclasses.dataclass
+class EngineStats:
+    requests_added: int = 0
+    requests_finished: int = 0
+    requests_aborted: int = 0
+    steps: int = 0
+    prefill_tokens: int = 0  # prompt tokens computed (prefix-cache hits excluded)
+    decode_tokens: int = 0
+    host_time_s: float = 0.0  # prepare + launch, summed over steps
+    host_times: list[float] = dataclasses.field(default_factory=list)
+
+    def record_step(self, sched: SchedulerOutput, host_s: float) -> None:
+        self.steps += 1
+        self.host_time_s += host_s
+        if len(self.host_times) < 100_000:
+            self.host_times.append(host_s)
+        for c in sched.chunks:
+            prompt_part = max(0, min(c.start + c.num_tokens, c.seq.num_prompt_tokens) - c.start)
+            self.prefill_tokens += prompt_part
+            self.decode_tokens += c.num_tokens - prompt_part
+
+    def host_time_percentiles(self) -> dict[str, float]:
+        if not self.host_times:
+            return {}
+        a = np.asarray(self.host_times) * 1e3
+        return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}

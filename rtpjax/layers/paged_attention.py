@@ -1,0 +1,44 @@
+"""The engine's attention: write this step's keys/values into the paged cache, then ragged paged
+attention over every sequence of the step (kernels/ragged_paged_attention.py picks the GPU kernel,
+jax's TPU kernel or the XLA path by platform)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+
+from rtpjax.kernels.ragged_paged_attention import ragged_paged_attention, write_kv
+
+
+class PagedMeta(NamedTuple):
+    """One ragged step (see docs/glossary.md); B counts padded sequence rows."""
+
+    slot_mapping: jax.Array  # i32[T]  page_id * page_size + offset of each token; padding → page 0
+    kv_lens: jax.Array  # i32[B]  KV length after this step
+    page_indices: jax.Array  # i32[B, pages_per_seq]
+    cu_q_lens: jax.Array  # i32[B+1]
+    num_seqs: jax.Array  # i32[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedAttention:
+    """Static (hashable) settings; `max_q_len` is the step bucket's bound on any sequence's query
+    tokens (1 for decode-only steps), used by the kernels to pick block shapes."""
+
+    scale: float
+    sliding_window: int | None = None
+    soft_cap: float | None = None
+    impl: str = "auto"
+    max_q_len: int | None = None
+
+    def __call__(self, q, k, v, kv_pages, meta: PagedMeta):
+        T, K, G, H = q.shape
+        kv_pages = write_kv(kv_pages, k, v, meta.slot_mapping)
+        out = ragged_paged_attention(
+            q.reshape(T, K * G, H), kv_pages, meta.kv_lens, meta.page_indices, meta.cu_q_lens,
+            meta.num_seqs, sm_scale=self.scale, sliding_window=self.sliding_window,
+            soft_cap=self.soft_cap, impl=self.impl, max_q_len=self.max_q_len,
+        )
+        return out.reshape(T, K, G, H), kv_pages

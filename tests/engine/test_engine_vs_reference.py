@@ -1,0 +1,161 @@
+"""The paged engine against the dense reference generator, token for token, in float32 on CPU."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rtpjax.config import ModelConfig
+from rtpjax.engine.engine import EngineConfig, LLMEngine
+from rtpjax.engine.reference import DenseGenerator
+from rtpjax.layers import sampler as sampler_lib
+from rtpjax.sampling_params import SamplingParams
+from rtpjax.sharding.mesh import make_mesh
+from rtpjax.tokenizer import Tokenizer
+from rtpjax.weights.loader import load_params
+from rtpjax.weights.safetensors_io import SafetensorsCheckpoint
+from tests.conftest import FIXTURES
+
+MODEL = "llama3_gqa4"  # GQA 4, llama3 rope scaling
+
+
+@functools.cache
+def model():
+    d = FIXTURES / "models" / MODEL
+    cfg = ModelConfig.from_hf(d)
+    params = load_params(SafetensorsCheckpoint(d), cfg, jnp.float32)
+    tok = Tokenizer.from_pretrained(FIXTURES / "tokenizer" / "smollm2")
+    return cfg, params, tok
+
+
+def make_engine(**overrides) -> LLMEngine:
+    cfg, params, tok = model()
+    kw = dict(max_model_len=128, max_num_seqs=32, max_num_batched_tokens=64, page_size=8,
+              num_pages=400, enable_prefix_caching=True)
+    kw.update(overrides)
+    num_pages = kw.pop("num_pages")
+    return LLMEngine(cfg, params, tok, make_mesh(1), EngineConfig(**kw, num_pages=num_pages),
+                     num_pages=num_pages)
+
+
+def workload(n=64, seed=0):
+    """Mixed lengths 1..90; a third share a 40-token prefix (prefix-cache hits, chunk boundaries
+    off page boundaries)."""
+    rng = np.random.default_rng(seed)
+    shared = list(rng.integers(3, 256, 40))
+    prompts, max_tokens = [], []
+    for i in range(n):
+        length = int(rng.integers(1, 90))
+        ids = list(rng.integers(3, 256, length))
+        if i % 3 == 0:
+            ids = shared + ids[: max(0, length - 40)]
+        prompts.append([int(t) for t in ids])
+        max_tokens.append(int(rng.integers(1, 24)))
+    return prompts, max_tokens
+
+
+@functools.cache
+def reference_outputs(seed=0):
+    cfg, params, _ = model()
+    gen = DenseGenerator(cfg, params)
+    prompts, max_tokens = workload(seed=seed)
+    return [gen.generate(p, m) for p, m in zip(prompts, max_tokens)]
+
+
+def run(engine: LLMEngine, prompts, params_list):
+    for i, (p, sp) in enumerate(zip(prompts, params_list)):
+        engine.add_request(str(i), None, p, sp)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return [done[str(i)] for i in range(len(prompts))]
+
+
+def greedy_params(max_tokens):
+    return [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(max_num_batched_tokens=16),  # prefill chunks of at most 16 tokens, mixed with decodes
+    dict(enable_prefix_caching=False),
+    dict(num_pages=24),  # 23 usable pages of 8 tokens for 32 sequences: preemption by recompute
+    dict(async_scheduling=False),
+], ids=["chunk16", "no-prefix-cache", "tiny-pool-preemption", "sync"])
+def test_greedy_matches_dense_reference(overrides):
+    prompts, max_tokens = workload()
+    engine = make_engine(**overrides)
+    outs = run(engine, prompts, greedy_params(max_tokens))
+    ref = reference_outputs()
+    for i, (o, r) in enumerate(zip(outs, ref)):
+        assert o.outputs[0].token_ids == r, f"request {i} (prompt {len(prompts[i])} tokens)"
+        assert o.outputs[0].finish_reason == "length"
+    if overrides.get("num_pages") == 24:
+        assert sum(o.metrics.num_preemptions for o in outs) > 0, "the tiny pool never preempted"
+    if overrides.get("enable_prefix_caching", True):
+        assert engine.prefix_cache_hit_rate() > 0
+    # All pages back: only cached prefix pages may stay, with no references.
+    bm = engine.block_manager
+    assert bm.num_used_pages == 0
+    assert bm.num_free_pages == bm.num_pages - 1
+    assert engine.runner.num_compiled_variants <= 24
+
+
+def seeded(max_tokens, seed):
+    return SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=seed, max_tokens=max_tokens,
+                          ignore_eos=True)
+
+
+def test_seeded_sampling_independent_of_batch():
+    prompts, _ = workload(n=12, seed=3)
+    target = prompts[5]
+    alone = run(make_engine(), [target], [seeded(20, 1234)])[0].outputs[0].token_ids
+    crowd_params = [seeded(20, 1234) if i == 5 else seeded(15, 99 + i) for i in range(12)]
+    crowd = run(make_engine(max_num_batched_tokens=32), prompts, crowd_params)
+    assert crowd[5].outputs[0].token_ids == alone
+    # And the dense reference with the same sampler draws the same tokens.
+    cfg, params, _ = model()
+    sp = seeded(20, 1234)
+
+    def sample_fn(logits, step):
+        t = sampler_lib.pack_sampling_tensors([sp], [step], [1234], [step], [], 1)
+        t = jax.tree.map(jnp.asarray, t)
+        flags = sampler_lib.sampler_flags([sp])
+        return sampler_lib.sample(logits[None], t, **flags._asdict()).token_ids[0]
+
+    ref = DenseGenerator(cfg, params).generate(target, 20, sample_fn=sample_fn)
+    assert ref == alone
+
+
+def test_prefix_sharing_prefills_only_the_tail():
+    engine = make_engine(max_model_len=1200, num_pages=400, max_num_batched_tokens=256)
+    rng = np.random.default_rng(7)
+    prefix = [int(t) for t in rng.integers(3, 256, 1000)]
+    first = prefix + [5, 6, 7]
+    run(engine, [first], greedy_params([2]))
+    before = engine.stats.prefill_tokens
+    second = prefix + [9, 10, 11, 12, 13]
+    out = run(engine, [second], greedy_params([2]))[0]
+    prefilled = engine.stats.prefill_tokens - before
+    cached = out.metrics.num_cached_tokens
+    assert cached == 1000 // 8 * 8  # every full page of the shared prefix
+    assert prefilled == len(second) - cached
+    assert engine.prefix_cache_hit_rate() > 0.4
+
+
+def test_bad_requests_fail_alone():
+    engine = make_engine()
+    with pytest.raises(ValueError, match="max_model_len=128"):
+        engine.add_request("long", None, list(range(3, 131)), SamplingParams())
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("empty", None, [], SamplingParams())
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add_request("oov", None, [5, 300], SamplingParams())
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=1.5)
+    prompts, max_tokens = workload(n=4)
+    outs = run(engine, prompts, greedy_params(max_tokens))
+    assert [o.outputs[0].token_ids for o in outs] == reference_outputs()[:4]
