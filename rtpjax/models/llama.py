@@ -1,7 +1,7 @@
 """The Llama family (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2) as pure functions.
 
-Weights keep HF's [out, in] orientation and are fused by reshape + concatenate only, so loading never
-transposes and the fused projections shard on heads:
+Weights keep HF's [out, in] orientation and are fused by reshape + concatenate only, so loading
+never transposes and the fused projections shard on heads:
 - w_qkv [K, G+2, H, D]: per KV head, its G query heads, then its key head, then its value head;
   query head n = k·G + g, exactly HF's order. One matmul computes q, k and v.
 - w_gate_up [2, F, D]: gate then up. One matmul computes both.
@@ -9,7 +9,8 @@ transposes and the fused projections shard on heads:
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import flax.struct
 import jax
@@ -50,8 +51,8 @@ def spec(cfg: ModelConfig, dtype: Any = jnp.bfloat16) -> Params:
     D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     K, G, H = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
 
-    def w(shape, axes, init=normal_init()):
-        return ArrayInfo(tuple(shape), dtype, tuple(axes), init)
+    def w(shape, axes, init=None):
+        return ArrayInfo(tuple(shape), dtype, tuple(axes), init or normal_init())
 
     def layer() -> Layer:
         return Layer(
@@ -76,35 +77,94 @@ def spec(cfg: ModelConfig, dtype: Any = jnp.bfloat16) -> Params:
     )
 
 
+class Adapters(Protocol):
+    """What the model needs from adapters (LoRA, DoRA…; see layers/lora.py). `apply` returns the
+    projection output with the adapter's contribution, given the projection input `x` [T, in], the
+    base output without bias `y` [T, out] (HF's flat order) and `weight()`, the base weight
+    [out, in] in HF's layout, built only if the adapter kind needs it (DoRA's norms).
+    Targets: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj."""
+
+    def apply(self, layer: int, target: str, x: jax.Array, y: jax.Array,
+              weight: Callable[[], jax.Array]) -> jax.Array: ...
+
+    def targets(self, layer: int) -> frozenset[str]: ...
+
+
+def _qkv_weight(layer: Layer, part: slice | int) -> Callable[[], jax.Array]:
+    def weight():
+        w = layer.w_qkv[:, part]  # [K, G, H, D] or [K, H, D]
+        return w.reshape(-1, w.shape[-1])
+
+    return weight
+
+
+def _adapt_qkv(adapters: Adapters, i: int, h: jax.Array, layer: Layer, q, k, v):
+    """Adapter contributions to the fused projection's q, k and v (HF order: head n = k·G + g)."""
+    live = adapters.targets(i)
+    T, K, G, H = q.shape
+    if "q_proj" in live:
+        q = adapters.apply(i, "q_proj", h, q.reshape(T, K * G * H),
+                           _qkv_weight(layer, slice(0, G))).reshape(T, K, G, H)
+    if "k_proj" in live:
+        k = adapters.apply(i, "k_proj", h, k.reshape(T, K * H), _qkv_weight(layer, G)
+                           ).reshape(T, K, H)
+    if "v_proj" in live:
+        v = adapters.apply(i, "v_proj", h, v.reshape(T, K * H), _qkv_weight(layer, G + 1)
+                           ).reshape(T, K, H)
+    return q, k, v
+
+
 def block(layer: Layer, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array,
-          cache: Any, meta: Any, attention: Attention) -> tuple[jax.Array, Any]:
-    """One decoder layer. x: [T, D]; cos, sin: [T, H]. Returns (x [T, D], cache)."""
+          cache: Any, meta: Any, attention: Attention, adapters: Adapters | None = None,
+          index: int = 0) -> tuple[jax.Array, Any]:
+    """Decoder layer number `index`. x: [T, D]; cos, sin: [T, H]. Returns (x [T, D], cache)."""
     G = cfg.q_per_kv
     h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
     qkv = jnp.einsum("TD,KCHD->TKCH", h, layer.w_qkv)  # [T, K, G+2, H]
-    if layer.b_qkv is not None:
-        qkv = qkv + layer.b_qkv
-    qkv = constrain(qkv, ("tokens", "kv_heads", "qkv", "head_dim"))
     q, k, v = qkv[:, :, :G], qkv[:, :, G], qkv[:, :, G + 1]  # [T,K,G,H], [T,K,H], [T,K,H]
+    if adapters is not None:
+        q, k, v = _adapt_qkv(adapters, index, h, layer, q, k, v)
+    if layer.b_qkv is not None:
+        q = q + layer.b_qkv[:, :G]
+        k = k + layer.b_qkv[:, G]
+        v = v + layer.b_qkv[:, G + 1]
+    q = constrain(q, ("tokens", "kv_heads", "qkv", "head_dim"))
     if layer.q_norm is not None:
         q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
         k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     o, cache = attention(q, k, v, cache, meta)  # [T, K, G, H]
     attn_out = jnp.einsum("TKGH,DKGH->TD", o, layer.w_o)
+    if adapters is not None and "o_proj" in adapters.targets(index):
+        w_o = layer.w_o
+        attn_out = adapters.apply(index, "o_proj", o.reshape(o.shape[0], -1), attn_out,
+                                  lambda: w_o.reshape(w_o.shape[0], -1))
     if layer.b_o is not None:
         attn_out = attn_out + layer.b_o
     x = x + attn_out
     h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
     gate_up = jnp.einsum("TD,CFD->TCF", h, layer.w_gate_up)  # [T, 2, F]
     gate_up = constrain(gate_up, ("tokens", "gate_up", "mlp"))
-    act = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]  # [T, F]
-    x = x + jnp.einsum("TF,DF->TD", act, layer.w_down)
+    gate, up = gate_up[:, 0], gate_up[:, 1]  # [T, F]
+    if adapters is not None:
+        live = adapters.targets(index)
+        w_gu = layer.w_gate_up
+        if "gate_proj" in live:
+            gate = adapters.apply(index, "gate_proj", h, gate, lambda: w_gu[0])
+        if "up_proj" in live:
+            up = adapters.apply(index, "up_proj", h, up, lambda: w_gu[1])
+    act = jax.nn.silu(gate) * up  # [T, F]
+    down = jnp.einsum("TF,DF->TD", act, layer.w_down)
+    if adapters is not None and "down_proj" in adapters.targets(index):
+        w_down = layer.w_down
+        down = adapters.apply(index, "down_proj", act, down, lambda: w_down)
+    x = x + down
     return constrain(x, ("tokens", "embed")), cache
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
             caches: list[Any], meta: Any, attention: Attention, *,
+            adapters: Adapters | None = None,
             collect_hidden: bool = False) -> tuple[jax.Array, list[Any], list[jax.Array]]:
     """tokens, positions: i32[T] → (final-normed hidden [T, D], updated caches, per-layer hidden).
 
@@ -117,7 +177,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     new_caches = []
     for i, layer in enumerate(params.layers):
         with jax.named_scope(f"layer{i}"):
-            x, cache = block(layer, cfg, x, cos, sin, caches[i], meta, attention)
+            x, cache = block(layer, cfg, x, cos, sin, caches[i], meta, attention, adapters, i)
         new_caches.append(cache)
         if collect_hidden:
             hidden.append(x)
