@@ -22,6 +22,10 @@ import numpy as np
 
 from rtpjax.sampling_params import MAX_LOGPROBS, SAMPLING_EPS, SamplingParams
 
+# Width of the fast top-k/top-p path: rows needing more of their best tokens fall back to a sort.
+TOP_HEAD = 128
+SORT_ROWS = 64
+
 
 @flax.struct.dataclass
 class SamplingTensors:
@@ -94,26 +98,85 @@ def apply_penalties(
     return logits - t.presence_penalty[:, None] * (counts > 0)
 
 
+def top_k_exact(x: jax.Array, k: int, chunk: int = 32) -> tuple[jax.Array, jax.Array]:
+    """Each row's k largest values, best first, and their ids: f32[B, V] -> f32[B, k], i32[B, k].
+
+    XLA's GPU top_k sorts whole rows for k > 1. The k best tokens lie in the k chunks (of `chunk`
+    ids) with the largest maxima, so only V/chunk maxima and k*chunk candidates get sorted. Equal
+    values may come in another id order than lax.top_k's.
+    """
+    B, V = x.shape
+    n_full = V // chunk
+    if n_full <= k:
+        return jax.lax.top_k(x, k)
+    maxima = jnp.max(x[:, : n_full * chunk].reshape(B, n_full, chunk), axis=-1)  # f32[B, V/c]
+    if n_full * chunk < V:
+        maxima = jnp.concatenate([maxima, jnp.max(x[:, n_full * chunk :], -1, keepdims=True)], -1)
+    _, best_chunks = jax.lax.top_k(maxima, k)  # i32[B, k]
+    ids = (best_chunks[:, :, None] * chunk + jnp.arange(chunk)).reshape(B, k * chunk)
+    candidates = jnp.take_along_axis(x, jnp.minimum(ids, V - 1), axis=-1)  # f32[B, k*c]
+    candidates = jnp.where(ids < V, candidates, -jnp.inf)
+    values, where = jax.lax.top_k(candidates, k)  # f32[B, k], i32[B, k]
+    return values, jnp.take_along_axis(ids, where, axis=-1)
+
+
+def _cut(
+    desc: jax.Array,  # f32[B, W]  each row's W largest logits, best first
+    top_k: jax.Array,  # i32[B]
+    top_p: jax.Array,  # f32[B]
+    lse_all: jax.Array,  # f32[B]  logsumexp of the whole row
+) -> tuple[jax.Array, jax.Array]:
+    """Top-k then top-p on the head `desc`: the smallest kept logit f32[B] and how many are kept
+    i32[B]. Exact when the kept set ends inside the head and, if top-k is on, k <= W."""
+    W = desc.shape[-1]
+    k_in_head = (top_k >= 1) & (top_k <= W)
+    in_k = jnp.arange(W) < jnp.where(k_in_head, top_k, W)[:, None]  # bool[B, W]
+    head = jnp.where(in_k, desc, -jnp.inf)
+    lse = jnp.where(k_in_head, jax.nn.logsumexp(head, axis=-1), lse_all)  # f32[B]
+    probs = jnp.exp(head - lse[:, None])  # f32[B, W]
+    # Keep a token while the mass strictly before it is below top_p: the smallest head reaching it.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = in_k & ((mass_before < top_p[:, None]) | (top_p >= 1.0)[:, None])
+    kept = jnp.maximum(jnp.sum(keep, axis=-1), 1)  # i32[B]
+    return jnp.take_along_axis(desc, kept[:, None] - 1, axis=-1)[:, 0], kept
+
+
 def apply_top_k_top_p(
     logits: jax.Array,  # f32[B, V]  already divided by temperature
     top_k: jax.Array,  # i32[B]  0 -> off
     top_p: jax.Array,  # f32[B]  1 -> off
 ) -> jax.Array:
     """Keeps the top_k largest logits, then the smallest head of those whose probability reaches
-    top_p (renormalised after top-k); the rest become -inf. Ties at a threshold are all kept."""
+    top_p (renormalised after top-k); the rest become -inf. Ties at the threshold all stay.
+
+    Fast path: the exact TOP_HEAD best tokens per row (`top_k_exact`). A full sort runs only when
+    some row's kept set may reach past them (top_k > TOP_HEAD, or top-p over a flat distribution).
+    A row's result is the same on both paths (the same head computation), so it does not depend on
+    which other rows share its batch.
+    """
     V = logits.shape[-1]
-    ascending = jnp.sort(logits, axis=-1)  # f32[B, V]
-    k = jnp.where((top_k <= 0) | (top_k > V), V, top_k)  # i32[B]
-    kth_largest = jnp.take_along_axis(ascending, (V - k)[:, None], axis=-1)  # f32[B, 1]
-    ascending = jnp.where(ascending < kth_largest, -jnp.inf, ascending)
-    # Drop the low tail while its total mass stays <= 1 - top_p; the largest logit always stays.
-    tail_mass = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)  # f32[B, V]
-    dropped = jnp.sum(tail_mass <= (1.0 - top_p)[:, None], axis=-1)  # i32[B]
-    # top_p 1 must be off exactly: f32 round-off could otherwise drop underflowing tokens.
-    dropped = jnp.where(top_p >= 1.0, 0, jnp.minimum(dropped, V - 1))
-    threshold = jnp.take_along_axis(ascending, dropped[:, None], axis=-1)  # f32[B, 1]
-    threshold = jnp.maximum(threshold, kth_largest)
-    return jnp.where(logits < threshold, -jnp.inf, logits)
+    W = min(TOP_HEAD, V)
+    k_on = (top_k >= 1) & (top_k < V)  # bool[B]
+    active = k_on | (top_p < 1.0)
+    lse_all = jax.nn.logsumexp(logits, axis=-1)  # f32[B]
+    head, _ = top_k_exact(logits, W)  # f32[B, W]
+    threshold, kept = _cut(head, top_k, top_p, lse_all)
+    resolved = ~active | (W == V) | (k_on & (top_k <= W)) | (~k_on & (kept < W))  # bool[B]
+
+    def full_sort(threshold: jax.Array) -> jax.Array:
+        # Sorted in groups of SORT_ROWS rows, to hold a few [SORT_ROWS, V] arrays, not [B, V].
+        def row_threshold(row: tuple[jax.Array, ...]) -> jax.Array:
+            x, k, p, lse = (a[None] for a in row)  # f32[1, V], i32[1], f32[1], f32[1]
+            return _cut(-jnp.sort(-x, axis=-1), k, p, lse)[0][0]
+
+        rows = (logits, top_k, top_p, lse_all)
+        full = jax.lax.map(row_threshold, rows, batch_size=min(SORT_ROWS, logits.shape[0]))
+        # Resolved rows keep the fast path's threshold, so batch-mates never change a row's draw.
+        return jnp.where(resolved, threshold, full)
+
+    threshold = jax.lax.cond(jnp.all(resolved), lambda t: t, full_sort, threshold)
+    threshold = jnp.where(active, threshold, -jnp.inf)
+    return jnp.where(logits < threshold[:, None], -jnp.inf, logits)
 
 
 def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
@@ -168,7 +231,7 @@ def sample(
     lse = jax.nn.logsumexp(raw, axis=-1)  # f32[B]
     logprob = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - lse  # f32[B]
     if num_top_logprobs:
-        top_values, top_ids = jax.lax.top_k(raw, num_top_logprobs)  # f32[B, k], i32[B, k]
+        top_values, top_ids = top_k_exact(raw, num_top_logprobs)  # f32[B, k], i32[B, k]
         top_logprobs = top_values - lse[:, None]
     else:
         top_ids = jnp.zeros((B, 0), jnp.int32)

@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 
 from rtpjax.layers.sampler import (
+    TOP_HEAD,
     SamplerFlags,
     SamplingTensors,
     apply_penalties,
+    apply_top_k_top_p,
     pack_sampling_tensors,
     pack_token_ids,
     sample,
     sampler_flags,
+    top_k_exact,
 )
 from rtpjax.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -113,7 +116,7 @@ def test_draws_follow_softmax_of_logits_over_temperature():
     assert ((counts - flat) ** 2 / flat).sum() > 200
 
 
-def allowed_tokens(logits, temperature, top_k, top_p, min_p):
+def allowed_tokens(logits, temperature, top_k, top_p, min_p, margin=1e-3):
     """numpy reference: the set top-k, then top-p (renormalised), then min-p keeps."""
     x = np.asarray(logits, np.float64) / temperature
     order = np.argsort(-x, kind="stable")
@@ -123,7 +126,7 @@ def allowed_tokens(logits, temperature, top_k, top_p, min_p):
     probs /= probs.sum()
     head = np.cumsum(probs[order]) - probs[order]  # mass strictly before each token
     if top_p < 1.0:
-        assert np.abs(head - top_p).min() > 1e-3, "the test's top_p sits on a boundary"
+        assert np.abs(head - top_p).min() > margin, "the test's top_p sits on a boundary"
         keep[order[head >= top_p]] = False
     keep &= probs >= min_p * probs.max()
     return set(np.flatnonzero(keep).tolist())
@@ -151,6 +154,49 @@ def test_top_k_top_p_min_p_keep_exactly_the_reference_set(temperature, top_k, to
     p = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     out = run(np.tile(logits, (N, 1)), [p] * N, steps=list(range(N)), seeds=[5] * N)
     assert set(np.asarray(out.token_ids).tolist()) == want
+
+
+@pytest.mark.parametrize(("V", "k", "chunk"), [(1000, 20, 16), (1003, 128, 16), (77, 5, 8)])
+def test_top_k_exact_matches_lax_top_k(V, k, chunk):
+    x = np.random.default_rng(V).normal(size=(9, V)).astype(np.float32)
+    x[2, :] = -1.0
+    x[2, [5, V - 1]] = 3.0  # the best two sit in the first and the (partial) last chunk
+    values, ids = jax.jit(top_k_exact, static_argnums=(1, 2))(jnp.asarray(x), k, chunk)
+    want_values, want_ids = jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(values, want_values)
+    np.testing.assert_array_equal(np.asarray(ids)[[0, 1, 3]], np.asarray(want_ids)[[0, 1, 3]])
+    np.testing.assert_array_equal(np.take_along_axis(x, np.asarray(ids), -1), values)
+
+
+def test_top_k_top_p_fast_and_sorting_paths_agree_with_numpy_and_each_other():
+    V = 1000
+    rng = np.random.default_rng(6)
+    peaked = np.sort(rng.normal(scale=4, size=V)).astype(np.float32)[rng.permutation(V)]
+    flat = rng.normal(scale=0.1, size=V).astype(np.float32)
+    two_level = (flat + np.where(rng.permutation(V) < 100, 2.0, 0.0)).astype(np.float32)
+    rows = [  # (logits, top_k, top_p); the last three need more than TOP_HEAD tokens: a full sort
+        (peaked, 40, 1.0),
+        (peaked, 0, 0.9),
+        (peaked, 60, 0.8),
+        (peaked, 0, 1.0),
+        (flat, 0, 0.5),
+        (peaked, 400, 0.95),
+        (two_level, 200, 0.4),  # renormalising over the top 200 halves the kept set
+    ]
+    assert TOP_HEAD < 400
+    logits = np.stack([r[0] for r in rows])
+    top_k = np.array([r[1] for r in rows], np.int32)
+    top_p = np.array([r[2] for r in rows], np.float32)
+    f = jax.jit(apply_top_k_top_p)
+    got = np.asarray(f(jnp.asarray(logits), jnp.asarray(top_k), jnp.asarray(top_p)))
+    for b, (x, k, p) in enumerate(rows):
+        kept = set(np.flatnonzero(np.isfinite(got[b])).tolist())
+        assert kept == allowed_tokens(x, 1.0, k, p, 0.0, margin=1e-4), b
+        np.testing.assert_array_equal(got[b][np.isfinite(got[b])], x[np.isfinite(got[b])])
+    assert len(set(np.flatnonzero(np.isfinite(got[4])))) > TOP_HEAD
+    # The first four rows alone take the fast path only; their results are bitwise the same.
+    fast = np.asarray(f(jnp.asarray(logits[:4]), jnp.asarray(top_k[:4]), jnp.asarray(top_p[:4])))
+    np.testing.assert_array_equal(fast, got[:4])
 
 
 def numpy_penalties(logits, rep, pres, freq, penalty_tokens, output_tokens):
