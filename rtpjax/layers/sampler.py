@@ -12,6 +12,7 @@ them. A row's draw depends only on its (seed, step), not on the batch around it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -149,10 +150,9 @@ def apply_top_k_top_p(
     """Keeps the top_k largest logits, then the smallest head of those whose probability reaches
     top_p (renormalised after top-k); the rest become -inf. Ties at the threshold all stay.
 
-    Fast path: the exact TOP_HEAD best tokens per row (`top_k_exact`). A full sort runs only when
-    some row's kept set may reach past them (top_k > TOP_HEAD, or top-p over a flat distribution).
-    A row's result is the same on both paths (the same head computation), so it does not depend on
-    which other rows share its batch.
+    Fast path: the exact TOP_HEAD best tokens per row (`top_k_exact`). A row's whole row is sorted
+    only when its kept set may reach past them (top_k > TOP_HEAD, or top-p over a flat
+    distribution). Either way a row's result does not depend on which rows share its batch.
     """
     V = logits.shape[-1]
     W = min(TOP_HEAD, V)
@@ -163,18 +163,25 @@ def apply_top_k_top_p(
     threshold, kept = _cut(head, top_k, top_p, lse_all)
     resolved = ~active | (W == V) | (k_on & (top_k <= W)) | (~k_on & (kept < W))  # bool[B]
 
-    def full_sort(threshold: jax.Array) -> jax.Array:
-        # Sorted in groups of SORT_ROWS rows, to hold a few [SORT_ROWS, V] arrays, not [B, V].
-        def row_threshold(row: tuple[jax.Array, ...]) -> jax.Array:
-            x, k, p, lse = (a[None] for a in row)  # f32[1, V], i32[1], f32[1], f32[1]
-            return _cut(-jnp.sort(-x, axis=-1), k, p, lse)[0][0]
+    # The rest sort their whole row, in groups of G rows: only groups holding such a row sort, and
+    # the sort holds a few [G, V] arrays, not [B, V].
+    B = logits.shape[0]
+    G = math.gcd(B, SORT_ROWS)
 
-        rows = (logits, top_k, top_p, lse_all)
-        full = jax.lax.map(row_threshold, rows, batch_size=min(SORT_ROWS, logits.shape[0]))
-        # Resolved rows keep the fast path's threshold, so batch-mates never change a row's draw.
-        return jnp.where(resolved, threshold, full)
+    def group_threshold(group: tuple[jax.Array, ...]) -> jax.Array:
+        x, k, p, lse, fast, done = group  # f32[G, V], i32[G], f32[G], f32[G], f32[G], bool[G]
 
-    threshold = jax.lax.cond(jnp.all(resolved), lambda t: t, full_sort, threshold)
+        def sort_rows(fast: jax.Array) -> jax.Array:
+            full, _ = _cut(-jnp.sort(-x, axis=-1), k, p, lse)
+            # Resolved rows keep the fast threshold, so batch-mates never change a row's draw.
+            return jnp.where(done, fast, full)
+
+        return jax.lax.cond(jnp.all(done), lambda t: t, sort_rows, fast)
+
+    groups = (logits, top_k, top_p, lse_all, threshold, resolved)
+    threshold = jax.lax.map(
+        group_threshold, tuple(a.reshape(B // G, G, *a.shape[1:]) for a in groups)
+    ).reshape(B)
     threshold = jnp.where(active, threshold, -jnp.inf)
     return jnp.where(logits < threshold[:, None], -jnp.inf, logits)
 
