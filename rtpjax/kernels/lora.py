@@ -32,7 +32,6 @@ measurements behind the choices.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import jax
@@ -43,11 +42,16 @@ from jax import lax
 __all__ = [
     "IMPLS",
     "GroupMeta",
+    "TpuBackend",
+    "XlaBackend",
     "group_meta",
+    "live_mask",
     "lora_delta",
     "lora_delta_by_slot",
+    "lora_delta_with",
     "ref_lora_delta",
     "resolve_impl",
+    "row_scale",
     "validate_inputs",
 ]
 
@@ -202,138 +206,220 @@ def ref_lora_delta(
     return out.astype(x.dtype)
 
 
-# ---------------------------------------------------------------------------------- xla backend
+# ------------------------------------------------------------------------------------- backends
 #
-# Every path computes the operator from two grouped products (see _lora_fwd/_lora_bwd):
-#   gmm(lhs[T, K], w[G, K, N] (or [G, N, K] with trans), meta) -> f32[T, N]: row t times the matrix
-#       of its slot; rows past the groups give 0.
-#   tgmm(lhs[T, K], rhs[T, N], meta) -> f32[G, K, N]: per slot, the sum over its rows of
-#       lhs[t]^T rhs[t].
+# A backend is a hashable object with two methods (the custom VJP below holds the rest):
+#   fwd(x, a, b, m) -> (delta [T, O] in x.dtype, s_live f32[T, R])
+#       s_live[t] = x[t] @ a[slot(t)], zero where r >= rank or past the groups (unscaled).
+#   bwd(x, a, b, m, s_live, dy) -> (dx [T, I] in x.dtype, da [G, I, R] in a.dtype,
+#       db [G, R, O] in b.dtype, u_live f32[T, R])
+#       u_live[t] = dy[t] @ b[slot(t)]^T masked like s_live; du = scale · u_live;
+#       dx = du @ a^T, da_g = sum over the slot's rows of x^T du, db_g = (scale · s_live)^T dy.
 
 
-def _xla_gmm(lhs: jax.Array, w: jax.Array, m: GroupMeta, trans: bool) -> jax.Array:
-    """Every row times every slot's matrix, then keep its own slot: O(T·K·G·N) flops, fine while
-    G·min(K, N) is small (LoRA: the small side is R)."""
-    G = w.shape[0]
-    onehot = (m.row_slot[:, None] == jnp.arange(G)[None, :]).astype(_F32)  # f32[T, G]
-    prec = _PREC
-    K, N = (w.shape[2], w.shape[1]) if trans else (w.shape[1], w.shape[2])
-    spec = "GNK" if trans else "GKN"
-    if N <= K:  # shrink: all slots' outputs are small ([T, G, N]); select after
-        y = jnp.einsum(f"TK,{spec}->TGN", lhs, w, preferred_element_type=_F32, precision=prec)
-        return jnp.einsum("TGN,TG->TN", y, onehot, precision=prec)
-    # expand: spread each row over its slot's K columns first, then one product over G·K
-    spread = (lhs.astype(_F32)[:, None, :] * onehot[:, :, None]).astype(lhs.dtype)  # [T, G, K]
-    return jnp.einsum(f"TGK,{spec}->TN", spread, w, preferred_element_type=_F32, precision=prec)
-
-
-def _xla_tgmm(lhs: jax.Array, rhs: jax.Array, m: GroupMeta, G: int) -> jax.Array:
-    onehot = (m.row_slot[:, None] == jnp.arange(G)[None, :]).astype(lhs.dtype)  # [T, G]
-    prec = _PREC
-    if lhs.shape[1] <= rhs.shape[1]:
-        spread = lhs[:, None, :] * onehot[:, :, None]  # [T, G, K]
-        return jnp.einsum("TGK,TN->GKN", spread, rhs, preferred_element_type=_F32, precision=prec)
-    spread = rhs[:, None, :] * onehot.astype(rhs.dtype)[:, :, None]  # [T, G, N]
-    return jnp.einsum("TK,TGN->GKN", lhs, spread, preferred_element_type=_F32, precision=prec)
-
-
-class _Ops(NamedTuple):
-    gmm: Callable[..., jax.Array]  # (lhs, w, meta, trans) -> f32[T, N]
-    tgmm: Callable[..., jax.Array]  # (lhs, rhs, meta, G) -> f32[G, K, N]
-
-
-def _ops(path: str) -> _Ops:
-    if path == "xla":
-        return _Ops(_xla_gmm, _xla_tgmm)
-    if path == "gpu":
-        from rtpjax.kernels import lora_gpu
-
-        interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
-        return _Ops(
-            functools.partial(lora_gpu.gmm, interpret=interpret),
-            functools.partial(lora_gpu.tgmm, interpret=interpret),
-        )
-    if path == "tpu":
-        from rtpjax.kernels import lora_gpu
-
-        return _Ops(lora_gpu.tpu_gmm, lora_gpu.tpu_tgmm)
-    raise ValueError(f"impl={path!r} has no grouped-product backend")
-
-
-# ------------------------------------------------------------------------------ custom VJP core
-
-
-def _live(m: GroupMeta, R: int) -> jax.Array:
+def live_mask(m: GroupMeta, R: int) -> jax.Array:
     """bool[T, R]: the row belongs to a slot and r < that slot's rank."""
     G = m.rank.shape[0]
     slot = jnp.minimum(m.row_slot, G - 1)
     return (m.row_slot < G)[:, None] & (jnp.arange(R)[None, :] < m.rank[slot][:, None])
 
 
-def _row_coef(m: GroupMeta, R: int) -> jax.Array:
-    """f32[T, R]: the scale of the row's slot where _live, else 0."""
-    slot = jnp.minimum(m.row_slot, m.rank.shape[0] - 1)
-    return jnp.where(_live(m, R), m.scale[slot][:, None], 0.0)
+def row_scale(m: GroupMeta) -> jax.Array:
+    """f32[T]: the scale of each row's slot, 0 past the groups."""
+    G = m.scale.shape[0]
+    return jnp.where(m.row_slot < G, m.scale[jnp.minimum(m.row_slot, G - 1)], 0.0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _lora(x, a, b, group_sizes, scale, rank, path):
-    return _lora_fwd(x, a, b, group_sizes, scale, rank, path)[0]
+def _rank_masked(a: jax.Array, b: jax.Array, m: GroupMeta) -> tuple[jax.Array, jax.Array]:
+    """a, b with entries past each slot's rank zeroed (they may hold anything)."""
+    keep = jnp.arange(a.shape[2])[None, :] < m.rank[:, None]  # bool[G, R]
+    return jnp.where(keep[:, None, :], a, 0), jnp.where(keep[:, :, None], b, 0)
 
 
-def _lora_fwd(x, a, b, group_sizes, scale, rank, path):
-    ops = _ops(path)
-    T, R = x.shape[0], a.shape[2]
-    m = group_meta(group_sizes, scale, rank, T, R)
-    s = ops.gmm(x, a, m, False)  # f32[T, R]
-    coef = _row_coef(m, R)  # f32[T, R]
-    delta = ops.gmm((s * coef).astype(b.dtype), b, m, False)  # f32[T, O]
-    return delta.astype(x.dtype), (x, a, b, group_sizes, scale, rank, s)
+def _spread(v: jax.Array, m: GroupMeta, G: int) -> jax.Array:
+    """[T, G, C]: row t's values in its slot's place, zeros elsewhere (a select, so non-finite
+    values in rows past the groups do not leak)."""
+    own = m.row_slot[:, None, None] == jnp.arange(G)[None, :, None]  # bool[T, G, 1]
+    return jnp.where(own, v[:, None, :], jnp.zeros((), v.dtype))
 
 
-def _lora_bwd(path, res, dy):
+def _xla_gmm(lhs: jax.Array, w: jax.Array, m: GroupMeta, trans: bool) -> jax.Array:
+    """f32[T, N]: every row times every slot's matrix, keeping its own slot. O(T·K·N·G) flops:
+    fine while G times the small side (the rank) stays small."""
+    G = w.shape[0]
+    K, N = (w.shape[2], w.shape[1]) if trans else (w.shape[1], w.shape[2])
+    spec = "GNK" if trans else "GKN"
+    if N <= K:  # shrink: all slots' outputs are small ([T, G, N]); select after
+        y = jnp.einsum(f"TK,{spec}->TGN", lhs, w, preferred_element_type=_F32, precision=_PREC)
+        own = jnp.take_along_axis(y, jnp.minimum(m.row_slot, G - 1)[:, None, None], axis=1)
+        return jnp.where((m.row_slot < G)[:, None], own[:, 0], 0.0)
+    # expand: spread each row over its slot's K columns, then one product over G·K
+    spread = _spread(lhs, m, G)  # [T, G, K]
+    return jnp.einsum(f"TGK,{spec}->TN", spread, w, preferred_element_type=_F32, precision=_PREC)
+
+
+def _xla_tgmm(lhs: jax.Array, rhs: jax.Array, m: GroupMeta, G: int) -> jax.Array:
+    """f32[G, K, N]: per slot, the sum over its rows of lhs^T rhs."""
+    if lhs.shape[1] <= rhs.shape[1]:
+        rhs = jnp.where((m.row_slot < G)[:, None], rhs, jnp.zeros((), rhs.dtype))
+        return jnp.einsum("TGK,TN->GKN", _spread(lhs, m, G), rhs, preferred_element_type=_F32,
+                          precision=_PREC)  # fmt: skip
+    lhs = jnp.where((m.row_slot < G)[:, None], lhs, jnp.zeros((), lhs.dtype))
+    return jnp.einsum("TK,TGN->GKN", lhs, _spread(rhs, m, G), preferred_element_type=_F32,
+                      precision=_PREC)  # fmt: skip
+
+
+class XlaBackend(NamedTuple):
+    """Masked dense einsums over all slots (CPU path and GPU fallback)."""
+
+    def fwd(self, x, a, b, m):
+        R = a.shape[2]
+        a, b = _rank_masked(a, b, m)
+        s = jnp.where(live_mask(m, R), _xla_gmm(x, a, m, False), 0.0)  # f32[T, R]
+        sp = (s * row_scale(m)[:, None]).astype(b.dtype)
+        return _xla_gmm(sp, b, m, False).astype(x.dtype), s
+
+    def bwd(self, x, a, b, m, s, dy):
+        G, _, R = a.shape
+        a, b = _rank_masked(a, b, m)
+        rs = row_scale(m)[:, None]  # f32[T, 1]
+        u = jnp.where(live_mask(m, R), _xla_gmm(dy, b, m, True), 0.0)  # f32[T, R]
+        du = (u * rs).astype(a.dtype)
+        dx = _xla_gmm(du, a, m, True).astype(x.dtype)
+        da = _xla_tgmm(x, du.astype(x.dtype), m, G).astype(a.dtype)
+        db = _xla_tgmm((s * rs).astype(dy.dtype), dy, m, G).astype(b.dtype)
+        return dx, da, db, u
+
+
+def _megablox_tiling(M: int, K: int, N: int) -> tuple[int, int, int] | None:
+    """megablox tiles: rows in 128s (T must divide), each other dim whole or in 128s."""
+    if M % 128:
+        return None
+    tk = K if K <= 512 else 512 if K % 512 == 0 else 128 if K % 128 == 0 else None
+    tn = N if N <= 512 else 512 if N % 512 == 0 else 128 if N % 128 == 0 else None
+    return None if tk is None or tn is None else (128, tk, tn)
+
+
+class TpuBackend(NamedTuple):
+    """jax's megablox gmm/tgmm (Pallas TPU kernels). supports() says which shapes fit."""
+
+    interpret: bool = False
+
+    @staticmethod
+    def supports(T: int, I: int, R: int, O: int) -> bool:
+        return all(_megablox_tiling(T, k, n) for k, n in ((I, R), (R, O), (O, R), (R, I)))
+
+    def _gmm(self, lhs, w, m, trans, out_dtype):
+        from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+        K, N = (w.shape[2], w.shape[1]) if trans else (w.shape[1], w.shape[2])
+        sizes = m.ends - m.starts  # i32[G]; megablox zeroes rows past the groups
+        return gmm.gmm(lhs, w.astype(lhs.dtype), sizes, out_dtype,
+                       _megablox_tiling(lhs.shape[0], K, N), transpose_rhs=trans,
+                       interpret=self.interpret)  # fmt: skip
+
+    def _tgmm(self, lhs, rhs, m, out_dtype):
+        from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+        sizes = m.ends - m.starts
+        tiling = _megablox_tiling(lhs.shape[0], lhs.shape[1], rhs.shape[1])
+        return gmm.tgmm(lhs.T, rhs, sizes, out_dtype, tiling, interpret=self.interpret)
+
+    def fwd(self, x, a, b, m):
+        R = a.shape[2]
+        a, b = _rank_masked(a, b, m)
+        s = jnp.where(live_mask(m, R), self._gmm(x, a, m, False, _F32), 0.0)
+        sp = (s * row_scale(m)[:, None]).astype(b.dtype)
+        return self._gmm(sp, b, m, False, x.dtype), s
+
+    def bwd(self, x, a, b, m, s, dy):
+        R = a.shape[2]
+        a, b = _rank_masked(a, b, m)
+        rs = row_scale(m)[:, None]
+        u = jnp.where(live_mask(m, R), self._gmm(dy, b, m, True, _F32), 0.0)
+        du = (u * rs).astype(x.dtype)
+        dx = self._gmm(du, a, m, True, x.dtype)
+        da = self._tgmm(x, du, m, a.dtype)
+        db = self._tgmm((s * rs).astype(dy.dtype), dy, m, b.dtype)
+        return dx, da, db, u
+
+
+# ------------------------------------------------------------------------------ custom VJP core
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lora(backend, x, a, b, group_sizes, scale, rank):
+    return _lora_fwd(backend, x, a, b, group_sizes, scale, rank)[0]
+
+
+def _lora_fwd(backend, x, a, b, group_sizes, scale, rank):
+    m = group_meta(group_sizes, scale, rank, x.shape[0], a.shape[2])
+    delta, s = backend.fwd(x, a, b, m)
+    return delta, (x, a, b, group_sizes, scale, rank, s)
+
+
+def _lora_bwd(backend, res, dy):
     x, a, b, group_sizes, scale, rank, s = res
-    ops = _ops(path)
-    T, (G, _, R) = x.shape[0], a.shape
-    m = group_meta(group_sizes, scale, rank, T, R)
-    coef = _row_coef(m, R)  # f32[T, R]
-    u = ops.gmm(dy, b, m, True)  # f32[T, R]: dy · B_g^T
-    du = u * coef
-    dx = ops.gmm(du.astype(a.dtype), a, m, True)  # f32[T, I]
-    da = ops.tgmm(x, du.astype(x.dtype), m, G)  # f32[G, I, R]
-    db = ops.tgmm((s * coef).astype(dy.dtype), dy, m, G)  # f32[G, R, O]
-    # d scale_g = sum over the slot's rows and live ranks of s · u.
-    per_row = jnp.sum(jnp.where(_live(m, R), s * u, 0.0), axis=1)  # f32[T]
-    dscale = jax.ops.segment_sum(per_row, m.row_slot, num_segments=G + 1)[:G]
-    zero_int = lambda v: None if v is None else np.zeros(v.shape, jax.dtypes.float0)
-    return (
-        dx.astype(x.dtype),
-        da.astype(a.dtype),
-        db.astype(b.dtype),
-        zero_int(group_sizes),
-        dscale.astype(jnp.result_type(scale)),
-        zero_int(rank),
-    )
+    G = a.shape[0]
+    m = group_meta(group_sizes, scale, rank, x.shape[0], a.shape[2])
+    dx, da, db, u = backend.bwd(x, a, b, m, s, dy)
+    # d scale_g = sum over the slot's rows and live ranks of s · u (both already masked).
+    dscale = jax.ops.segment_sum(jnp.sum(s * u, axis=1), m.row_slot, num_segments=G + 1)[:G]
+    float0 = lambda v: None if v is None else np.zeros(v.shape, jax.dtypes.float0)
+    return dx, da, db, float0(group_sizes), dscale.astype(scale.dtype), float0(rank)
 
 
 _lora.defvjp(_lora_fwd, _lora_bwd)
 
 
+def lora_delta_with(
+    backend: object,
+    x: jax.Array,  # [T, I]
+    a: jax.Array,  # [G, I, R]
+    b: jax.Array,  # [G, R, O]
+    group_sizes: jax.Array,  # i32[G]
+    scale: jax.Array,  # f32[G]
+    *,
+    rank: jax.Array | None = None,  # i32[G]
+) -> jax.Array:  # [T, O] in x.dtype
+    """The operator through an explicit backend (see above); inputs already validated."""
+    scale = jnp.asarray(scale)
+    if not jnp.issubdtype(scale.dtype, jnp.floating):
+        scale = scale.astype(_F32)
+    rank = None if rank is None else rank.astype(jnp.int32)
+    return _lora(backend, x, a, b, group_sizes.astype(jnp.int32), scale, rank)
+
+
 # ---------------------------------------------------------------------------------- public API
 
 
-def resolve_impl(impl: str, x: jax.Array | None = None, a: jax.Array | None = None) -> str:
-    """The concrete path for `impl` on this backend."""
+def resolve_impl(impl: str, x: jax.Array, a: jax.Array, b: jax.Array) -> str:
+    """The concrete path for `impl` on this backend ("auto" falls back to "xla" for shapes the
+    accelerator kernels do not cover)."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
     if impl != "auto":
         return impl
-    backend = jax.default_backend()
-    if backend in ("gpu", "cuda"):
-        return "gpu"
-    if backend == "tpu":
-        return "tpu"
+    platform = jax.default_backend()
+    if platform in ("gpu", "cuda"):
+        from rtpjax.kernels import lora_gpu
+
+        return "gpu" if lora_gpu.supports(a.shape[2], x.dtype) else "xla"
+    if platform == "tpu":
+        T, I = x.shape
+        return "tpu" if TpuBackend.supports(T, I, a.shape[2], b.shape[2]) else "xla"
     return "xla"
+
+
+def _backend(path: str) -> object:
+    if path == "xla":
+        return XlaBackend()
+    if path == "gpu":
+        from rtpjax.kernels import lora_gpu
+
+        # Off a GPU the kernels run in Pallas interpret mode (slow; for tests).
+        return lora_gpu.GpuBackend(interpret=jax.default_backend() not in ("gpu", "cuda"))
+    return TpuBackend(interpret=jax.default_backend() != "tpu")
 
 
 def lora_delta(
@@ -352,11 +438,10 @@ def lora_delta(
     Differentiable in x, a, b and scale (custom VJP).
     """
     validate_inputs(x, a, b, group_sizes, scale, rank, impl)
-    path = resolve_impl(impl, x, a)
+    path = resolve_impl(impl, x, a, b)
     if path == "reference":
         return ref_lora_delta(x, a, b, group_sizes, scale, rank=rank)
-    scale = jnp.asarray(scale)
-    return _lora(x, a, b, group_sizes.astype(jnp.int32), scale, rank, path)
+    return lora_delta_with(_backend(path), x, a, b, group_sizes, scale, rank=rank)
 
 
 def lora_delta_by_slot(
