@@ -20,12 +20,12 @@ _EXPORTS = {
     "load_model": "rtpjax.weights.checkpoint",
 }
 
-if TYPE_CHECKING:
-    from rtpjax.config import ModelConfig
-    from rtpjax.engine.llm import LLM
-    from rtpjax.engine.outputs import CompletionOutput, RequestOutput
-    from rtpjax.sampling_params import SamplingParams
-    from rtpjax.weights.checkpoint import load_model
+if TYPE_CHECKING:  # re-exported names, for type checkers and IDEs
+    from rtpjax.config import ModelConfig  # noqa: F401
+    from rtpjax.engine.llm import LLM  # noqa: F401
+    from rtpjax.engine.outputs import CompletionOutput, RequestOutput  # noqa: F401
+    from rtpjax.sampling_params import SamplingParams  # noqa: F401
+    from rtpjax.weights.checkpoint import load_model  # noqa: F401
 
 
 def __getattr__(name: str):

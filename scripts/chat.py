@@ -1,6 +1,7 @@
 """Offline chat generation: `python scripts/chat.py [--model PATH] [--prompt TEXT ...]`.
 
-With no arguments it answers a few questions with the embedded default model (SmolLM2-135M-Instruct),
+With no arguments it answers a few questions with the embedded default model
+(SmolLM2-135M-Instruct),
 greedily, and prints each reply with its timing.
 """
 
@@ -31,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         llm = LLM(args.model, max_model_len=args.max_model_len)
-        params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
-                                seed=args.seed)
+        params = SamplingParams(
+            temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -46,11 +48,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n> {p}\n[error] {o.error}")
             continue
         ttft = o.metrics.ttft or 0.0
-        print(f"\n> {p}\n{c.text}\n[{len(c.token_ids)} tokens, {c.finish_reason}, "
-              f"TTFT {ttft * 1e3:.0f} ms]")
+        print(
+            f"\n> {p}\n{c.text}\n[{len(c.token_ids)} tokens, {c.finish_reason}, "
+            f"TTFT {ttft * 1e3:.0f} ms]"
+        )
     total = sum(len(o.outputs[0].token_ids) for o in outs)
-    print(f"\n{len(prompts)} chats, {total} tokens in {wall:.2f} s "
-          f"({llm.engine.runner.num_compiled_variants} compiled step variants)")
+    print(
+        f"\n{len(prompts)} chats, {total} tokens in {wall:.2f} s "
+        f"({llm.engine.runner.num_compiled_variants} compiled step variants)"
+    )
     return 0
 
 

@@ -32,6 +32,8 @@ from rtpjax.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("rtpjax.engine")
 
+OUTPUT_KINDS = ("cumulative", "delta", "final")
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -55,19 +57,24 @@ class EngineConfig:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
         if self.page_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"page_size={self.page_size} must be one of 8, 16, 32, 64, 128")
-        if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
+        if self.num_pages is not None and (
+            not isinstance(self.num_pages, int) or self.num_pages < 2
+        ):
             raise ValueError(f"num_pages={self.num_pages!r} must be an integer >= 2 or None")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
-            raise ValueError(f"kv_cache_memory_fraction={self.kv_cache_memory_fraction} must be "
-                             "in (0, 1]")
+            raise ValueError(
+                f"kv_cache_memory_fraction={self.kv_cache_memory_fraction} must be in (0, 1]"
+            )
 
 
 @dataclasses.dataclass
 class _SeqState:
     seq: Sequence
     index: int
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None when the request asked detokenize=False
     text: str = ""
+    sent_tokens: int = 0  # "delta" outputs: tokens / characters / logprobs already returned
+    sent_chars: int = 0
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float = 0.0
     stop_reason: int | str | None = None
@@ -83,33 +90,55 @@ class _Request:
     metrics: RequestMetrics
     prompt_logprobs: list[dict[int, float] | None] | None = None
     error: str | None = None
+    output_kind: str = "cumulative"
 
     @property
     def finished(self) -> bool:
+        if len(self.seqs) == 1:
+            return self.seqs[0].seq.is_finished
         return all(s.seq.is_finished for s in self.seqs)
 
 
 class LLMEngine:
-    def __init__(self, cfg: ModelConfig, params, tokenizer: Tokenizer, mesh, config: EngineConfig,
-                 *, num_pages: int):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params,
+        tokenizer: Tokenizer | None,
+        mesh,
+        config: EngineConfig,
+        *,
+        num_pages: int,
+    ):
         self.model_config = cfg
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # None: only detokenize=False requests (benchmarks)
         self.config = config
-        self.eos_token_ids = frozenset(cfg.eos_token_ids) | tokenizer.eos_token_ids
+        tok_eos = tokenizer.eos_token_ids if tokenizer is not None else frozenset()
+        self.eos_token_ids = frozenset(cfg.eos_token_ids) | tok_eos
         self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=config.max_model_len, page_size=config.page_size,
+                max_model_len=config.max_model_len,
+                page_size=config.page_size,
                 long_prefill_token_threshold=config.long_prefill_token_threshold,
-                policy=config.policy),
-            self.block_manager)
+                policy=config.policy,
+            ),
+            self.block_manager,
+        )
         self.runner = ModelRunner(
-            cfg, params, mesh, num_pages=num_pages, page_size=config.page_size,
+            cfg,
+            params,
+            mesh,
+            num_pages=num_pages,
+            page_size=config.page_size,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=config.max_model_len, attention_impl=config.attention_impl)
+            max_model_len=config.max_model_len,
+            attention_impl=config.attention_impl,
+            eos_token_ids=self.eos_token_ids,
+        )
         self._requests: dict[str, _Request] = {}
         self._by_seq: dict[int, tuple[_Request, _SeqState]] = {}
         self._inflight: InflightStep | None = None
@@ -121,14 +150,18 @@ class LLMEngine:
     def validate(self, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
         """Raise ValueError naming what is wrong with a request for this model; queue nothing."""
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+            raise ValueError(
+                f"sampling_params must be a SamplingParams, got {type(params).__name__}"
+            )
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("prompt is empty: at least one token is needed")
         limit = self.config.max_model_len
         if n >= limit:
-            raise ValueError(f"prompt has {n} tokens; max_model_len={limit} allows at most "
-                             f"{limit - 1} prompt tokens (one output token must fit)")
+            raise ValueError(
+                f"prompt has {n} tokens; max_model_len={limit} allows at most "
+                f"{limit - 1} prompt tokens (one output token must fit)"
+            )
         V = self.model_config.vocab_size
         bad = [t for t in prompt_token_ids if not 0 <= int(t) < V]
         if bad:
@@ -139,12 +172,30 @@ class LLMEngine:
         for t in params.logit_bias or {}:
             if not 0 <= t < V:
                 raise ValueError(f"logit_bias key {t} is outside the vocabulary [0, {V})")
+        if params.detokenize and self.tokenizer is None:
+            raise ValueError("detokenize=True needs a tokenizer; this engine has none")
+        if params.stop and not params.detokenize:
+            raise ValueError("stop strings need detokenize=True")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
 
-    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: Seq[int],
-                    params: SamplingParams, *, arrival_time: float | None = None,
-                    priority: int = 0, cache_salt: str | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams,
+        *,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        output_kind: str = "cumulative",
+    ) -> None:
+        """Queue a request. output_kind (as vLLM v1): "cumulative" — every step returns the text and
+        tokens so far; "delta" — only what is new since the last output; "final" — one output when
+        the request finishes."""
+        if output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind={output_kind!r} must be one of {OUTPUT_KINDS}")
         if request_id in self._requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
@@ -154,17 +205,36 @@ class LLMEngine:
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
         extra = ("salt", cache_salt) if cache_salt else ()
-        req = _Request(request_id, prompt, ids, params, [], RequestMetrics(arrival_time=now))
+        req = _Request(
+            request_id,
+            prompt,
+            ids,
+            params,
+            [],
+            RequestMetrics(arrival_time=now),
+            output_kind=output_kind,
+        )
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]  # the first prompt token has no logprob (as vLLM)
         for i in range(params.n):
-            seq = Sequence(request_id, ids, max_tokens=max_tokens, params=params,
-                           arrival_time=now, priority=priority, extra_hash_keys=extra,
-                           stop_token_ids=self.eos_token_ids,
-                           min_tokens=min(params.min_tokens, max_tokens))
+            seq = Sequence(
+                request_id,
+                ids,
+                max_tokens=max_tokens,
+                params=params,
+                arrival_time=now,
+                priority=priority,
+                extra_hash_keys=extra,
+                stop_token_ids=self.eos_token_ids,
+                min_tokens=min(params.min_tokens, max_tokens),
+            )
             seed = params.seed + i if params.seed is not None else self._rng.getrandbits(32)
-            self.runner.register(seq.seq_id, seed)
-            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            self.runner.register(seq.seq_id, params, seed)
+            detok = (
+                IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+                if params.detokenize
+                else None
+            )
             state = _SeqState(seq, i, detok, logprobs=[] if params.logprobs is not None else None)
             req.seqs.append(state)
             self._by_seq[seq.seq_id] = (req, state)
@@ -195,25 +265,38 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One scheduling step; returns the requests that progressed (cumulative outputs)."""
         changed: dict[str, _Request] = {}
+        timing = StepTiming()
         prev = self._inflight
         self._inflight = None
         if prev is not None and (prev.prepared.needs_sync or not self.config.async_scheduling):
-            self._process(prev, changed)
+            self._process(prev, changed, timing)
             prev = None
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        timing.schedule_s = t1 - t0
         if sched.chunks:
-            t0 = time.perf_counter()
             prepared = self.runner.prepare(sched)
             self._inflight = self.runner.execute(prepared)
-            self.stats.record_step(sched, time.perf_counter() - t0)
+            timing.launch_s = time.perf_counter() - t1
         if prev is not None:
-            self._process(prev, changed)
+            self._process(prev, changed, timing)
         elif not sched.chunks and self._inflight is None and self.scheduler.has_work():
             raise RuntimeError("scheduler made no progress with work pending (engine bug)")
-        return [self._output(r) for r in changed.values()]
+        self.stats.record_step(sched, timing)
+        return [self._output(r) for r in changed.values() if r.output_kind != "final" or r.finished]
 
-    def _process(self, inflight: InflightStep, changed: dict[str, _Request]) -> None:
+    def _process(
+        self, inflight: InflightStep, changed: dict[str, _Request], timing: StepTiming
+    ) -> None:
+        t0 = time.perf_counter()
         result: StepResult = self.runner.fetch(inflight)
+        t1 = time.perf_counter()
+        timing.wait_s += t1 - t0
+        self._process_result(result, changed)
+        timing.post_s += time.perf_counter() - t1
+
+    def _process_result(self, result: StepResult, changed: dict[str, _Request]) -> None:
         now = time.monotonic()
         for seq_id, (start, lp, top_i, top_lp) in result.prompt_logprobs.items():
             self._add_prompt_logprobs(seq_id, start, lp, top_i, top_lp)
@@ -234,8 +317,10 @@ class LLMEngine:
             m.token_times.append(now)
             if state.logprobs is not None:
                 k = req.params.logprobs
-                d = {int(t): float(v) for t, v in zip(result.top_ids[i][:k],
-                                                     result.top_logprobs[i][:k])}
+                d = {
+                    int(t): float(v)
+                    for t, v in zip(result.top_ids[i][:k], result.top_logprobs[i][:k])
+                }
                 d[token] = float(result.logprob[i])
                 state.logprobs.append(d)
                 state.cumulative_logprob += float(result.logprob[i])
@@ -247,6 +332,8 @@ class LLMEngine:
 
     def _append_text(self, req: _Request, state: _SeqState, token: int) -> None:
         seq, p = state.seq, req.params
+        if state.detok is None:
+            return
         stopped_by_token = seq.is_finished and seq.finish_reason == FinishReason.STOP
         if stopped_by_token:
             # A stop token's text is not part of the output (as vLLM); EOS decodes to "" anyway.
@@ -269,7 +356,9 @@ class LLMEngine:
                 hit = (j, s)
         if hit is not None:
             j, s = hit
-            state.text = state.text[: j + len(s)] if p.include_stop_str_in_output else state.text[:j]
+            state.text = (
+                state.text[: j + len(s)] if p.include_stop_str_in_output else state.text[:j]
+            )
             state.stop_reason = s
             self.scheduler.finish(seq, FinishReason.STOP)
 
@@ -301,16 +390,38 @@ class LLMEngine:
             self.stats.requests_finished += 1
 
     def _output(self, req: _Request) -> RequestOutput:
+        delta = req.output_kind == "delta"
         outs = []
         for s in req.seqs:
             reason = s.seq.finish_reason
-            outs.append(CompletionOutput(
-                index=s.index, text=s.text, token_ids=list(s.seq.output_token_ids),
-                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
-                logprobs=s.logprobs, finish_reason=None if reason is None else str(reason.value),
-                stop_reason=s.stop_reason))
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.prompt_logprobs,
-                             outs, req.finished, req.metrics, req.error)
+            ids, text, lps = s.seq.output_token_ids, s.text, s.logprobs
+            if delta:
+                ids, text = ids[s.sent_tokens :], text[s.sent_chars :]
+                lps = None if lps is None else lps[s.sent_tokens :]
+                s.sent_tokens, s.sent_chars = len(s.seq.output_token_ids), len(s.text)
+            else:
+                ids = list(ids)
+            outs.append(
+                CompletionOutput(
+                    index=s.index,
+                    text=text,
+                    token_ids=ids,
+                    cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                    logprobs=lps,
+                    finish_reason=None if reason is None else str(reason.value),
+                    stop_reason=s.stop_reason,
+                )
+            )
+        return RequestOutput(
+            req.request_id,
+            req.prompt,
+            req.prompt_token_ids,
+            req.prompt_logprobs,
+            outs,
+            req.finished,
+            req.metrics,
+            req.error,
+        )
 
     # -- introspection ----------------------------------------------------------------------------
 
@@ -322,6 +433,20 @@ class LLMEngine:
 
 
 @dataclasses.dataclass
+class StepTiming:
+    """Host seconds of one engine step, by phase. `wait_s` is time blocked on the device."""
+
+    schedule_s: float = 0.0
+    launch_s: float = 0.0  # prepare the inputs + dispatch the jitted step
+    wait_s: float = 0.0
+    post_s: float = 0.0  # update, detokenize, stop strings, outputs
+
+    @property
+    def host_s(self) -> float:
+        return self.schedule_s + self.launch_s + self.post_s
+
+
+@dataclasses.dataclass
 class EngineStats:
     requests_added: int = 0
     requests_finished: int = 0
@@ -329,21 +454,45 @@ class EngineStats:
     steps: int = 0
     prefill_tokens: int = 0  # prompt tokens computed (prefix-cache hits excluded)
     decode_tokens: int = 0
-    host_time_s: float = 0.0  # prepare + launch, summed over steps
-    host_times: list[float] = dataclasses.field(default_factory=list)
+    # Per step (bounded): (num_chunks, decode_only, schedule_s, launch_s, wait_s, post_s).
+    step_log: list[tuple] = dataclasses.field(default_factory=list)
 
-    def record_step(self, sched: SchedulerOutput, host_s: float) -> None:
+    def record_step(self, sched: SchedulerOutput, t: StepTiming) -> None:
         self.steps += 1
-        self.host_time_s += host_s
-        if len(self.host_times) < 100_000:
-            self.host_times.append(host_s)
+        decode_only = True
         for c in sched.chunks:
             prompt_part = max(0, min(c.start + c.num_tokens, c.seq.num_prompt_tokens) - c.start)
             self.prefill_tokens += prompt_part
             self.decode_tokens += c.num_tokens - prompt_part
+            decode_only &= c.num_tokens == 1
+        if len(self.step_log) < 200_000:
+            self.step_log.append(
+                (
+                    len(sched.chunks),
+                    decode_only and bool(sched.chunks),
+                    t.schedule_s,
+                    t.launch_s,
+                    t.wait_s,
+                    t.post_s,
+                )
+            )
 
-    def host_time_percentiles(self) -> dict[str, float]:
-        if not self.host_times:
+    def host_ms(self, min_batch: int = 1, decode_only: bool = True) -> dict[str, float]:
+        """Percentiles of host milliseconds per step (schedule + launch + post), matching steps."""
+        rows = np.asarray(
+            [r for r in self.step_log if r[0] >= min_batch and (r[1] or not decode_only)],
+            dtype=np.float64,
+        ).reshape(-1, 6)
+        if not len(rows):
             return {}
-        a = np.asarray(self.host_times) * 1e3
-        return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
+        host = (rows[:, 2] + rows[:, 3] + rows[:, 5]) * 1e3
+        return {
+            "steps": len(rows),
+            "p50": float(np.percentile(host, 50)),
+            "p90": float(np.percentile(host, 90)),
+            "p99": float(np.percentile(host, 99)),
+            "schedule_p50": float(np.median(rows[:, 2]) * 1e3),
+            "launch_p50": float(np.median(rows[:, 3]) * 1e3),
+            "post_p50": float(np.median(rows[:, 5]) * 1e3),
+            "wait_p50": float(np.median(rows[:, 4]) * 1e3),
+        }

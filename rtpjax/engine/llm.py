@@ -1,9 +1,9 @@
 """The offline API, in the shape vLLM users know:
 
-    from rtpjax import LLM, SamplingParams
-    llm = LLM()                                   # the embedded default model
-    outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
-    outs = llm.chat([{"role": "user", "content": "Hi"}])
+from rtpjax import LLM, SamplingParams
+llm = LLM()                                   # the embedded default model
+outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+outs = llm.chat([{"role": "user", "content": "Hi"}])
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import logging
 import os
 from collections.abc import Sequence as Seq
 from typing import Any
-
 
 from rtpjax.engine.engine import EngineConfig, LLMEngine
 from rtpjax.engine.model_runner import ModelRunner
@@ -27,47 +26,79 @@ PromptType = str | Seq[int] | dict
 
 
 class LLM:
-    def __init__(self, model: str | os.PathLike | LoadedModel | None = None, *,
-                 tokenizer: str | None = None, max_model_len: int | None = None,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
-                 page_size: int = 16, kv_cache_memory_fraction: float = 0.9,
-                 num_pages: int | None = None, enable_prefix_caching: bool = True,
-                 tensor_parallel_size: int = 1, dtype: Any = "auto", seed: int = 0,
-                 long_prefill_token_threshold: int = 0, scheduling_policy: str = "fcfs",
-                 async_scheduling: bool = True, attention_impl: str = "auto",
-                 progress: bool = True):
+    def __init__(
+        self,
+        model: str | os.PathLike | LoadedModel | None = None,
+        *,
+        tokenizer: str | None = None,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        page_size: int = 16,
+        kv_cache_memory_fraction: float = 0.9,
+        num_pages: int | None = None,
+        enable_prefix_caching: bool = True,
+        tensor_parallel_size: int = 1,
+        dtype: Any = "auto",
+        seed: int = 0,
+        long_prefill_token_threshold: int = 0,
+        scheduling_policy: str = "fcfs",
+        async_scheduling: bool = True,
+        attention_impl: str = "auto",
+        progress: bool = True,
+    ):
         if isinstance(model, LoadedModel):
             loaded = model
         else:
-            loaded = load_model(model, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                                tokenizer=tokenizer, progress=progress)
+            loaded = load_model(
+                model,
+                dtype=dtype,
+                tensor_parallel_size=tensor_parallel_size,
+                tokenizer=tokenizer,
+                progress=progress,
+            )
         self.model = loaded
         cfg = loaded.config
         if max_model_len is None:
             max_model_len = min(cfg.max_position_embeddings, 8192)
         if max_model_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
-                             f"max_position_embeddings={cfg.max_position_embeddings}")
+            raise ValueError(
+                f"max_model_len={max_model_len} exceeds the model's "
+                f"max_position_embeddings={cfg.max_position_embeddings}"
+            )
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(2048, min(8192, max_num_seqs))
         config = EngineConfig(
-            max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, page_size=page_size,
-            num_pages=num_pages, kv_cache_memory_fraction=kv_cache_memory_fraction,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            page_size=page_size,
+            num_pages=num_pages,
+            kv_cache_memory_fraction=kv_cache_memory_fraction,
             enable_prefix_caching=enable_prefix_caching,
-            long_prefill_token_threshold=long_prefill_token_threshold, policy=scheduling_policy,
-            async_scheduling=async_scheduling, attention_impl=attention_impl, seed=seed)
+            long_prefill_token_threshold=long_prefill_token_threshold,
+            policy=scheduling_policy,
+            async_scheduling=async_scheduling,
+            attention_impl=attention_impl,
+            seed=seed,
+        )
         pages = plan_num_pages(loaded, config)
-        self.engine = LLMEngine(cfg, loaded.params, loaded.tokenizer, loaded.mesh, config,
-                                num_pages=pages)
+        self.engine = LLMEngine(
+            cfg, loaded.params, loaded.tokenizer, loaded.mesh, config, num_pages=pages
+        )
         self.tokenizer = loaded.tokenizer
         self._ids = itertools.count()
 
     # -- public API -------------------------------------------------------------------------------
 
-    def generate(self, prompts: PromptType | Seq[PromptType],
-                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
-                 use_tqdm: bool = False, priority: Seq[int] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: PromptType | Seq[PromptType],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+        priority: Seq[int] | None = None,
+    ) -> list[RequestOutput]:
         """Generate for each prompt (text, token ids, or {"prompt_token_ids": [...]})."""
         prompts = _as_list(prompts)
         params = _per_prompt(sampling_params, len(prompts))
@@ -78,22 +109,43 @@ class LLM:
             order.append(rid)
             try:
                 text, ids = self._tokenize(prompt)
-                self.engine.add_request(rid, text, ids, p,
-                                        priority=0 if priority is None else priority[i])
+                self.engine.add_request(
+                    rid,
+                    text,
+                    ids,
+                    p,
+                    priority=0 if priority is None else priority[i],
+                    output_kind="final",
+                )
             except ValueError as e:
                 outputs[rid] = _failed(rid, prompt, p, str(e))
         outputs.update(self._run(use_tqdm))
         return [outputs[r] for r in order]
 
-    def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
-             add_generation_prompt: bool = True, chat_template: str | None = None,
-             use_tqdm: bool = False, **template_kwargs) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        use_tqdm: bool = False,
+        **template_kwargs,
+    ) -> list[RequestOutput]:
         """One conversation or a list of them, rendered with the model's chat template."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt_token_ids": self.tokenizer.apply_chat_template(
-            c, add_generation_prompt=add_generation_prompt, tokenize=True,
-            chat_template=chat_template, **template_kwargs)} for c in convs]
+        prompts = [
+            {
+                "prompt_token_ids": self.tokenizer.apply_chat_template(
+                    c,
+                    add_generation_prompt=add_generation_prompt,
+                    tokenize=True,
+                    chat_template=chat_template,
+                    **template_kwargs,
+                )
+            }
+            for c in convs
+        ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def get_tokenizer(self):
@@ -109,7 +161,9 @@ class LLM:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
                 return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-            raise ValueError(f"prompt dict needs 'prompt' or 'prompt_token_ids', got {list(prompt)}")
+            raise ValueError(
+                f"prompt dict needs 'prompt' or 'prompt_token_ids', got {list(prompt)}"
+            )
         ids = list(prompt)
         if not all(isinstance(t, int) for t in ids):
             raise ValueError("prompt must be a string, a list of token ids, or a dict")
@@ -159,8 +213,16 @@ def _failed(rid: str, prompt, params: SamplingParams, message: str) -> RequestOu
     n = getattr(params, "n", 1)
     outs = [CompletionOutput(i, "", [], None, None, "error") for i in range(n)]
     ids = list(prompt) if isinstance(prompt, list | tuple) else []
-    return RequestOutput(rid, prompt if isinstance(prompt, str) else None, ids, None, outs, True,
-                         RequestMetrics(arrival_time=time.monotonic()), error=message)
+    return RequestOutput(
+        rid,
+        prompt if isinstance(prompt, str) else None,
+        ids,
+        None,
+        outs,
+        True,
+        RequestMetrics(arrival_time=time.monotonic()),
+        error=message,
+    )
 
 
 def plan_num_pages(model: LoadedModel, config: EngineConfig) -> int:
@@ -185,7 +247,12 @@ def plan_num_pages(model: LoadedModel, config: EngineConfig) -> int:
             f"the KV cache holds {pages} pages of {config.page_size} tokens, fewer than one "
             f"sequence of max_model_len={config.max_model_len} needs ({per_seq + 1} pages, "
             f"{need:.2f} GiB per device); lower max_model_len, raise kv_cache_memory_fraction, "
-            "or use more devices")
-    logger.info("KV cache: %d pages x %d tokens (%.2f GiB per device)", pages, config.page_size,
-                pages * per_page / tp / 2**30)
+            "or use more devices"
+        )
+    logger.info(
+        "KV cache: %d pages x %d tokens (%.2f GiB per device)",
+        pages,
+        config.page_size,
+        pages * per_page / tp / 2**30,
+    )
     return pages

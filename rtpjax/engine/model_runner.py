@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence as Seq
 from typing import Any, NamedTuple
 
 import jax
@@ -23,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rtpjax.config import ModelConfig
+from rtpjax.engine.input_batch import InputBatch
 from rtpjax.engine.scheduler import ScheduledChunk, SchedulerOutput
 from rtpjax.layers import sampler as sampler_lib
 from rtpjax.layers.paged_attention import PagedAttention, PagedMeta
@@ -87,9 +87,20 @@ class InflightStep:
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, params: llama.Params, mesh: Mesh, *, num_pages: int,
-                 page_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, attention_impl: str = "auto"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: llama.Params,
+        mesh: Mesh,
+        *,
+        num_pages: int,
+        page_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        attention_impl: str = "auto",
+        eos_token_ids: frozenset[int] | None = None,
+    ):
         self.cfg = cfg
         self.params = params
         self.mesh = mesh
@@ -101,12 +112,14 @@ class ModelRunner:
         self.token_buckets = sorted({_pow2(n, 16) for n in _doublings(16, max_num_batched_tokens)})
         self.dtype = params.embed.dtype
         self.attention_impl = attention_impl
-        self.kv_sharding = rules.named_sharding(mesh, ("pages", "page_slots", "kv_heads",
-                                                       "head_dim"))
+        self.kv_sharding = rules.named_sharding(
+            mesh, ("pages", "page_slots", "kv_heads", "head_dim")
+        )
         self.kv = self._allocate_kv()
         self.prev_sampled = jax.device_put(np.zeros(self.max_rows, np.int32))
         self._prev_rows: dict[int, int] = {}  # seq_id → row in the previous step's sampled ids
-        self._seeds: dict[int, int] = {}
+        eos = frozenset(cfg.eos_token_ids) if eos_token_ids is None else eos_token_ids
+        self.batch = InputBatch(self.pages_per_seq, eos, max_num_seqs)
         self._variants: set[tuple] = set()
         self._step = jax.jit(
             functools.partial(_device_step, cfg=cfg),
@@ -120,23 +133,30 @@ class ModelRunner:
         return (self.num_pages, self.page_size, 2 * self.cfg.num_kv_heads, self.cfg.head_dim)
 
     def _allocate_kv(self) -> list[jax.Array]:
-        make = jax.jit(lambda: jnp.zeros(self.kv_shape(), self.dtype),
-                       out_shardings=self.kv_sharding)
+        make = jax.jit(
+            lambda: jnp.zeros(self.kv_shape(), self.dtype), out_shardings=self.kv_sharding
+        )
         return [make() for _ in range(self.cfg.num_layers)]
 
     @staticmethod
     def page_bytes(cfg: ModelConfig, page_size: int, dtype: Any) -> int:
         """Bytes of one page over all layers."""
-        return cfg.num_layers * page_size * 2 * cfg.num_kv_heads * cfg.head_dim * \
-            jnp.dtype(dtype).itemsize
+        return (
+            cfg.num_layers
+            * page_size
+            * 2
+            * cfg.num_kv_heads
+            * cfg.head_dim
+            * jnp.dtype(dtype).itemsize
+        )
 
     # -- sequences --------------------------------------------------------------------------------
 
-    def register(self, seq_id: int, seed: int) -> None:
-        self._seeds[seq_id] = seed
+    def register(self, seq_id: int, params: SamplingParams, seed: int) -> None:
+        self.batch.add(seq_id, params, seed)
 
     def release(self, seq_id: int) -> None:
-        self._seeds.pop(seq_id, None)
+        self.batch.remove(seq_id)
 
     @property
     def num_compiled_variants(self) -> int:
@@ -146,94 +166,115 @@ class ModelRunner:
 
     def prepare(self, sched: SchedulerOutput) -> PreparedStep:
         chunks = sched.chunks
+        seqs = [c.seq for c in chunks]
         n = len(chunks)
         total = sched.num_batched_tokens
         T = next(b for b in self.token_buckets if b >= total)
         B = min(_pow2(n, 8), self.max_rows)
         ps = self.page_size
+        slots = self.batch.slots(seqs)
 
         q_lens = np.fromiter((c.num_tokens for c in chunks), np.int32, n)
         starts = np.fromiter((c.start for c in chunks), np.int32, n)
+        samples = np.fromiter((c.samples for c in chunks), np.bool_, n)
         cu = np.zeros(B + 1, np.int32)
         np.cumsum(q_lens, out=cu[1 : n + 1])
         cu[n + 1 :] = cu[n]
         kv_lens = np.zeros(B, np.int32)
         kv_lens[:n] = starts + q_lens
         page_indices = np.zeros((B, self.pages_per_seq), np.int32)
+        page_indices[:n] = self.batch.page_table[slots]
+
+        # Positions and slots of every token, vectorised over the flattened step.
+        row_of_token = np.repeat(np.arange(n, dtype=np.int32), q_lens)  # [total]
+        positions = np.zeros(T, np.int32)
+        pos = positions[:total]
+        pos[:] = np.arange(total, dtype=np.int32) - np.repeat(cu[:n] - starts, q_lens)
+        slot_mapping = np.zeros(T, np.int32)  # padding tokens write into the null page 0
+        slot_mapping[:total] = page_indices[row_of_token, pos // ps] * ps + pos % ps
+
         tokens = np.zeros(T, np.int32)
         token_src = np.full(T, -1, np.int32)
-        positions = np.zeros(T, np.int32)
-        next_tokens = np.zeros(T, np.int32)
-        seq_of_token = np.zeros(total, np.int32)
-
-        params: list[SamplingParams | None] = []
-        steps, seeds, num_out = [], [], []
-        penalty_lists, output_lists = [], []
-        want_prompt_lp = False
+        prev_rows = self._prev_rows
         for b, c in enumerate(chunks):
-            seq = c.seq
-            lo, hi = int(cu[b]), int(cu[b + 1])
-            pages = seq.page_ids
-            page_indices[b, : len(pages)] = pages
-            seq_of_token[lo:hi] = b
-            positions[lo:hi] = np.arange(c.start, c.start + c.num_tokens, dtype=np.int32)
+            lo = cu[b]
             if c.from_device:
-                token_src[lo] = self._prev_rows[seq.seq_id]
+                token_src[lo] = prev_rows[c.seq.seq_id]
+            elif c.num_tokens == 1:
+                tokens[lo] = c.seq.all_token_ids[c.start]
             else:
-                ids = seq.all_token_ids
-                tokens[lo:hi] = ids[c.start : c.start + c.num_tokens]
-            p: SamplingParams = seq.params
-            if p.prompt_logprobs is not None and c.start < seq.num_prompt_tokens:
-                want_prompt_lp = True
-                prompt = seq.prompt_token_ids
-                end = min(c.start + c.num_tokens + 1, len(prompt))
-                nxt = prompt[c.start + 1 : end]
-                next_tokens[lo : lo + len(nxt)] = nxt
-            params.append(p)
-            # Tokens this row generated before this sample (the pending one included).
-            generated = seq.num_output_tokens + seq.num_pending - (1 if c.samples else 0)
-            steps.append(generated)
-            seeds.append(self._seeds.get(seq.seq_id, 0))
-            num_out.append(generated)
-            if p.uses_penalties():
-                penalty_lists.append(seq.all_token_ids)
-                output_lists.append(seq.output_token_ids)
-            else:
-                penalty_lists.append(())
-                output_lists.append(())
-        # Slots: page of each token's position, then the offset inside it; padding → null page 0.
-        slot_mapping = np.zeros(T, np.int32)
-        pos = positions[:total]
-        slot_mapping[:total] = page_indices[seq_of_token, pos // ps] * ps + pos % ps
-        # Padding tokens continue at position 0 with slot 0: harmless, page 0 is never read.
+                ids = c.seq.all_token_ids
+                tokens[lo : lo + c.num_tokens] = ids[c.start : c.start + c.num_tokens]
         logits_idx = np.zeros(B, np.int32)
         logits_idx[:n] = cu[1 : n + 1] - 1
 
-        flags = sampler_lib.sampler_flags(params)
-        sampling = sampler_lib.pack_sampling_tensors(params, steps, seeds, num_out,
-                                                     self.cfg.eos_token_ids, B)
+        # Tokens each row generated before this sample (a pending one included).
+        generated = (
+            np.fromiter((s.num_output_tokens + s.num_pending for s in seqs), np.int32, n) - samples
+        )
+        sampling = self.batch.sampling(slots, seqs, generated, B)
+        wants = self.batch.any_flag(slots)  # (sampling, top-k/p, penalties, special, logprobs)
+        flags = sampler_lib.SamplerFlags(
+            all_greedy=not wants[0],
+            use_top_k_top_p=bool(wants[1]),
+            use_penalties=bool(wants[2]),
+            num_top_logprobs=MAX_LOGPROBS if wants[4] else 0,
+        )
         penalty_tokens = output_tokens = None
         if flags.use_penalties:
-            penalty_tokens = sampler_lib.pack_token_ids(penalty_lists, B)
-            output_tokens = sampler_lib.pack_token_ids(output_lists, B)
-        max_q_len = 1 if bool(np.all(q_lens == 1)) else None
-        inputs = StepInputs(tokens, token_src, positions, slot_mapping, kv_lens, page_indices, cu,
-                            np.array([n], np.int32), logits_idx, next_tokens, sampling,
-                            penalty_tokens, output_tokens)
+            pen = [s.all_token_ids if s.params.uses_penalties() else () for s in seqs]
+            out = [s.output_token_ids if s.params.uses_penalties() else () for s in seqs]
+            penalty_tokens = sampler_lib.pack_token_ids(pen, B)
+            output_tokens = sampler_lib.pack_token_ids(out, B)
+
+        next_tokens = np.zeros(T, np.int32)
+        want_prompt_lp = False
+        for b, c in enumerate(chunks):
+            p = c.seq.params
+            if p.prompt_logprobs is not None and c.start < c.seq.num_prompt_tokens:
+                want_prompt_lp = True
+                prompt = c.seq.prompt_token_ids
+                nxt = prompt[c.start + 1 : min(c.start + c.num_tokens + 1, len(prompt))]
+                next_tokens[cu[b] : cu[b] + len(nxt)] = nxt
+        max_q_len = 1 if total == n else None
+        inputs = StepInputs(
+            tokens,
+            token_src,
+            positions,
+            slot_mapping,
+            kv_lens,
+            page_indices,
+            cu,
+            np.array([n], np.int32),
+            logits_idx,
+            next_tokens,
+            sampling,
+            penalty_tokens,
+            output_tokens,
+        )
         static = StepStatic(flags, max_q_len, want_prompt_lp)
         return PreparedStep(inputs, static, list(chunks), needs_sync=flags.use_penalties)
 
     def execute(self, step: PreparedStep) -> InflightStep:
-        attention = PagedAttention(scale=self.cfg.head_dim**-0.5,
-                                   sliding_window=self.cfg.sliding_window,
-                                   impl=self.attention_impl, max_q_len=step.static.max_q_len)
+        attention = PagedAttention(
+            scale=self.cfg.head_dim**-0.5,
+            sliding_window=self.cfg.sliding_window,
+            impl=self.attention_impl,
+            max_q_len=step.static.max_q_len,
+        )
         x = step.inputs
-        self._variants.add((x.tokens.shape, x.kv_lens.shape, step.static,
-                            None if x.penalty_tokens is None else x.penalty_tokens.shape))
+        self._variants.add(
+            (
+                x.tokens.shape,
+                x.kv_lens.shape,
+                step.static,
+                None if x.penalty_tokens is None else x.penalty_tokens.shape,
+            )
+        )
         with jax.set_mesh(self.mesh):
             self.kv, outputs, self.prev_sampled = self._step(
-                self.params, self.kv, x, self.prev_sampled, static=step.static,
-                attention=attention)
+                self.params, self.kv, x, self.prev_sampled, static=step.static, attention=attention
+            )
         for leaf in jax.tree.leaves(outputs):
             leaf.copy_to_host_async()
         self._prev_rows = {c.seq.seq_id: b for b, c in enumerate(step.chunks) if c.samples}
@@ -248,15 +289,20 @@ class ModelRunner:
         rows = [b for b, c in enumerate(chunks) if c.samples]
         result_prompt: dict[int, tuple] = {}
         if prompt_lp is not None:
-            p_ids, p_lp, p_tid, p_tlp = (np.asarray(a) for a in prompt_lp)
+            _, p_lp, p_tid, p_tlp = (np.asarray(a) for a in prompt_lp)
             cu = inflight.prepared.inputs.cu_q_lens
             for b, c in enumerate(chunks):
                 if c.seq.params.prompt_logprobs is not None and c.start < c.seq.num_prompt_tokens:
                     lo, hi = int(cu[b]), int(cu[b + 1])
-                    result_prompt[c.seq.seq_id] = (c.start, p_lp[lo:hi], p_tid[lo:hi],
-                                                   p_tlp[lo:hi])
-        return StepResult([chunks[b].seq.seq_id for b in rows], ids[rows], lp[rows],
-                          top_ids[rows], top_lp[rows], result_prompt)
+                    result_prompt[c.seq.seq_id] = (c.start, p_lp[lo:hi], p_tid[lo:hi], p_tlp[lo:hi])
+        return StepResult(
+            [chunks[b].seq.seq_id for b in rows],
+            ids[rows],
+            lp[rows],
+            top_ids[rows],
+            top_lp[rows],
+            result_prompt,
+        )
 
 
 def _doublings(lo: int, hi: int) -> list[int]:
@@ -267,14 +313,23 @@ def _doublings(lo: int, hi: int) -> list[int]:
     return [*out, hi]
 
 
-def _device_step(params, kv, x: StepInputs, prev_sampled, *, cfg: ModelConfig,
-                 static: StepStatic, attention: PagedAttention):
+def _device_step(
+    params,
+    kv,
+    x: StepInputs,
+    prev_sampled,
+    *,
+    cfg: ModelConfig,
+    static: StepStatic,
+    attention: PagedAttention,
+):
     tokens = jnp.where(x.token_src >= 0, prev_sampled[jnp.maximum(x.token_src, 0)], x.tokens)
     meta = PagedMeta(x.slot_mapping, x.kv_lens, x.page_indices, x.cu_q_lens, x.num_seqs)
     hidden, kv, _ = llama.forward(params, cfg, tokens, x.positions, kv, meta, attention)
     logits = llama.logits(params, hidden[x.logits_idx])  # f32[B, V]
-    out = sampler_lib.sample(logits, x.sampling, x.penalty_tokens, x.output_tokens,
-                             **static.flags._asdict())
+    out = sampler_lib.sample(
+        logits, x.sampling, x.penalty_tokens, x.output_tokens, **static.flags._asdict()
+    )
     prompt_lp = None
     if static.prompt_logprobs:
         all_logits = llama.logits(params, hidden)  # f32[T, V]
@@ -285,11 +340,3 @@ def _device_step(params, kv, x: StepInputs, prev_sampled, *, cfg: ModelConfig,
     rows = out.token_ids.shape[0]
     sampled = jnp.zeros_like(prev_sampled).at[:rows].set(out.token_ids)
     return kv, (out, prompt_lp), sampled
-
-
-def bucket_summary(runner: ModelRunner) -> str:
-    return f"{runner.num_compiled_variants} compiled step variants; token buckets " \
-           f"{runner.token_buckets}, up to {runner.max_rows} rows"
-
-
-__all__ = ["ModelRunner", "PreparedStep", "StepResult", "Seq"]

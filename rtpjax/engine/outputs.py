@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 # One position's logprobs: {token_id: logprob} holding the sampled (or prompt) token and the top-k.
 Logprobs = dict[int, float]
@@ -32,7 +33,7 @@ class RequestMetrics:
     @property
     def inter_token_latencies(self) -> list[float]:
         t = self.token_times
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in itertools.pairwise(t)]
 
 
 @dataclasses.dataclass

@@ -25,8 +25,9 @@ def _bucket(n: int, minimum: int = 16) -> int:
 @functools.partial(jax.jit, static_argnames=("cfg", "attention", "collect_hidden"))
 def _step(params, tokens, positions, caches, last, *, cfg, attention, collect_hidden=False):
     meta = DenseMeta(positions=positions, start=positions[0])
-    x, caches, hidden = llama.forward(params, cfg, tokens, positions, caches, meta, attention,
-                                      collect_hidden=collect_hidden)
+    x, caches, hidden = llama.forward(
+        params, cfg, tokens, positions, caches, meta, attention, collect_hidden=collect_hidden
+    )
     out = llama.logits(params, x[last][None])[0]  # f32[V]
     return out, caches, hidden
 
@@ -55,11 +56,25 @@ class DenseGenerator:
         tokens[:n] = prompt_ids
         positions = np.arange(t, dtype=np.int32)
         caches = self._empty_cache(max(cache_size, t))
-        return _step(self.params, tokens, positions, caches, n - 1, cfg=self.cfg,
-                     attention=self.attention, collect_hidden=collect_hidden)
+        return _step(
+            self.params,
+            tokens,
+            positions,
+            caches,
+            n - 1,
+            cfg=self.cfg,
+            attention=self.attention,
+            collect_hidden=collect_hidden,
+        )
 
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *,
-                 sample_fn=None, stop_token_ids: Sequence[int] = ()) -> list[int]:
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        *,
+        sample_fn=None,
+        stop_token_ids: Sequence[int] = (),
+    ) -> list[int]:
         """Greedy by default; `sample_fn(logits f32[V], step) -> int` for anything else."""
         n = len(prompt_ids)
         cache_size = _bucket(n + max_new_tokens)
@@ -72,6 +87,13 @@ class DenseGenerator:
             if token in stop or step == max_new_tokens - 1:
                 break
             pos = np.array([n + step], np.int32)
-            logits, caches, _ = _step(self.params, np.array([token], np.int32), pos, caches, 0,
-                                      cfg=self.cfg, attention=self.attention)
+            logits, caches, _ = _step(
+                self.params,
+                np.array([token], np.int32),
+                pos,
+                caches,
+                0,
+                cfg=self.cfg,
+                attention=self.attention,
+            )
         return out

@@ -4,7 +4,8 @@ The model computes q, k, v and hands them to an `Attention` object together with
 and the step's metadata; the object writes the new keys/values into the cache and returns the
 attention output. Implementations:
 - `DenseAttention` (here): one sequence, a contiguous cache [S, K, H]: the reference generator's.
-- `PagedAttention` (layers/paged_attention.py): a ragged batch over the paged KV cache: the engine's.
+- `PagedAttention` (layers/paged_attention.py): a ragged batch over the paged KV cache (the
+  engine's).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ class Attention(Protocol):
     so it can be closed over by jit. q: [T, K, G, H]; k, v: [T, K, H] (already rotated and normed).
     Returns (out [T, K, G, H] in q's dtype, the updated cache for this layer)."""
 
-    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, cache: Any,
-                 meta: Any) -> tuple[jax.Array, Any]: ...
+    def __call__(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, cache: Any, meta: Any
+    ) -> tuple[jax.Array, Any]: ...
 
 
 class DenseCache(NamedTuple):
@@ -46,14 +48,28 @@ class DenseAttention:
     def __call__(self, q, k, v, cache: DenseCache, meta: DenseMeta):
         k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), meta.start, 0)
         v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), meta.start, 0)
-        out = dense_attention(q, k_all, v_all, meta.positions, scale=self.scale,
-                              sliding_window=self.sliding_window, soft_cap=self.soft_cap)
+        out = dense_attention(
+            q,
+            k_all,
+            v_all,
+            meta.positions,
+            scale=self.scale,
+            sliding_window=self.sliding_window,
+            soft_cap=self.soft_cap,
+        )
         return out, DenseCache(k_all, v_all)
 
 
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *,
-                    scale: float, sliding_window: int | None = None,
-                    soft_cap: float | None = None) -> jax.Array:
+def dense_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:
     """q: [T, K, G, H]; k, v: [S, K, H] with key j at position j; q_positions: i32[T].
     Query i sees key j when j <= pos_i and (no window or pos_i - j < window)."""
     scores = jnp.einsum("TKGH,SKH->KGTS", q, k, preferred_element_type=jnp.float32) * scale

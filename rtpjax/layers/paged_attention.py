@@ -37,8 +37,16 @@ class PagedAttention:
         T, K, G, H = q.shape
         kv_pages = write_kv(kv_pages, k, v, meta.slot_mapping)
         out = ragged_paged_attention(
-            q.reshape(T, K * G, H), kv_pages, meta.kv_lens, meta.page_indices, meta.cu_q_lens,
-            meta.num_seqs, sm_scale=self.scale, sliding_window=self.sliding_window,
-            soft_cap=self.soft_cap, impl=self.impl, max_q_len=self.max_q_len,
+            q.reshape(T, K * G, H),
+            kv_pages,
+            meta.kv_lens,
+            meta.page_indices,
+            meta.cu_q_lens,
+            meta.num_seqs,
+            sm_scale=self.scale,
+            sliding_window=self.sliding_window,
+            soft_cap=self.soft_cap,
+            impl=self.impl,
+            max_q_len=self.max_q_len,
         )
         return out.reshape(T, K, G, H), kv_pages

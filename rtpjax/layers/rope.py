@@ -1,4 +1,4 @@
-"""Rotary position embeddings (HF's half-split layout) with 'default', 'linear' and 'llama3' scaling."""
+"""Rotary embeddings (HF's half-split layout) with 'default', 'linear' and 'llama3' scaling."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from rtpjax.config import ModelConfig
 def inv_freq(cfg: ModelConfig) -> np.ndarray:
     """f32[H/2] inverse frequencies, computed in float32 as transformers computes them."""
     h = cfg.head_dim
-    freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, h, 2, dtype=np.float32) / h)))
+    freq = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, h, 2, dtype=np.float32) / h))
     freq = freq.astype(np.float32)
     s = cfg.rope_scaling
     if s is None or s.rope_type == "default":

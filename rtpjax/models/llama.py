@@ -59,7 +59,8 @@ def spec(cfg: ModelConfig, dtype: Any = jnp.bfloat16) -> Params:
             attn_norm=w((D,), ("norm",), ones_init),
             w_qkv=w((K, G + 2, H, D), ("kv_heads", "qkv", "head_dim", "embed")),
             b_qkv=w((K, G + 2, H), ("kv_heads", "qkv", "head_dim"), zeros_init)
-            if cfg.qkv_bias else None,
+            if cfg.qkv_bias
+            else None,
             q_norm=w((H,), ("norm",), ones_init) if cfg.qk_norm else None,
             k_norm=w((H,), ("norm",), ones_init) if cfg.qk_norm else None,
             w_o=w((D, K, G, H), ("embed", "kv_heads", "qkv", "head_dim")),
@@ -84,8 +85,9 @@ class Adapters(Protocol):
     [out, in] in HF's layout, built only if the adapter kind needs it (DoRA's norms).
     Targets: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj."""
 
-    def apply(self, layer: int, target: str, x: jax.Array, y: jax.Array,
-              weight: Callable[[], jax.Array]) -> jax.Array: ...
+    def apply(
+        self, layer: int, target: str, x: jax.Array, y: jax.Array, weight: Callable[[], jax.Array]
+    ) -> jax.Array: ...
 
     def targets(self, layer: int) -> frozenset[str]: ...
 
@@ -103,20 +105,32 @@ def _adapt_qkv(adapters: Adapters, i: int, h: jax.Array, layer: Layer, q, k, v):
     live = adapters.targets(i)
     T, K, G, H = q.shape
     if "q_proj" in live:
-        q = adapters.apply(i, "q_proj", h, q.reshape(T, K * G * H),
-                           _qkv_weight(layer, slice(0, G))).reshape(T, K, G, H)
+        q = adapters.apply(
+            i, "q_proj", h, q.reshape(T, K * G * H), _qkv_weight(layer, slice(0, G))
+        ).reshape(T, K, G, H)
     if "k_proj" in live:
-        k = adapters.apply(i, "k_proj", h, k.reshape(T, K * H), _qkv_weight(layer, G)
-                           ).reshape(T, K, H)
+        k = adapters.apply(i, "k_proj", h, k.reshape(T, K * H), _qkv_weight(layer, G)).reshape(
+            T, K, H
+        )
     if "v_proj" in live:
-        v = adapters.apply(i, "v_proj", h, v.reshape(T, K * H), _qkv_weight(layer, G + 1)
-                           ).reshape(T, K, H)
+        v = adapters.apply(i, "v_proj", h, v.reshape(T, K * H), _qkv_weight(layer, G + 1)).reshape(
+            T, K, H
+        )
     return q, k, v
 
 
-def block(layer: Layer, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array,
-          cache: Any, meta: Any, attention: Attention, adapters: Adapters | None = None,
-          index: int = 0) -> tuple[jax.Array, Any]:
+def block(
+    layer: Layer,
+    cfg: ModelConfig,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    cache: Any,
+    meta: Any,
+    attention: Attention,
+    adapters: Adapters | None = None,
+    index: int = 0,
+) -> tuple[jax.Array, Any]:
     """Decoder layer number `index`. x: [T, D]; cos, sin: [T, H]. Returns (x [T, D], cache)."""
     G = cfg.q_per_kv
     h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
@@ -137,8 +151,13 @@ def block(layer: Layer, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax
     attn_out = jnp.einsum("TKGH,DKGH->TD", o, layer.w_o)
     if adapters is not None and "o_proj" in adapters.targets(index):
         w_o = layer.w_o
-        attn_out = adapters.apply(index, "o_proj", o.reshape(o.shape[0], -1), attn_out,
-                                  lambda: w_o.reshape(w_o.shape[0], -1))
+        attn_out = adapters.apply(
+            index,
+            "o_proj",
+            o.reshape(o.shape[0], -1),
+            attn_out,
+            lambda: w_o.reshape(w_o.shape[0], -1),
+        )
     if layer.b_o is not None:
         attn_out = attn_out + layer.b_o
     x = x + attn_out
@@ -162,10 +181,18 @@ def block(layer: Layer, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax
     return constrain(x, ("tokens", "embed")), cache
 
 
-def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
-            caches: list[Any], meta: Any, attention: Attention, *,
-            adapters: Adapters | None = None,
-            collect_hidden: bool = False) -> tuple[jax.Array, list[Any], list[jax.Array]]:
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    caches: list[Any],
+    meta: Any,
+    attention: Attention,
+    *,
+    adapters: Adapters | None = None,
+    collect_hidden: bool = False,
+) -> tuple[jax.Array, list[Any], list[jax.Array]]:
     """tokens, positions: i32[T] → (final-normed hidden [T, D], updated caches, per-layer hidden).
 
     `collect_hidden` returns the residual stream after the embedding and after every layer (as HF's

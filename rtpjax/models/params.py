@@ -73,7 +73,7 @@ def path_str(path: tuple) -> str:
 
 
 def abstract(spec: Any) -> Any:
-    """The tree of jax.ShapeDtypeStruct the spec declares (for eval_shape and checkpoint restore)."""
+    """The tree of jax.ShapeDtypeStruct the spec declares (for eval_shape and restores)."""
     return jax.tree.map(lambda i: jax.ShapeDtypeStruct(i.shape, i.dtype), spec, is_leaf=is_info)
 
 

@@ -35,8 +35,11 @@ DEFAULT_RULES: dict[str, str | None] = {
 }
 
 
-def partition_spec(axes: tuple[str | None, ...], mesh: Mesh | None = None,
-                   rules: Mapping[str, str | None] = DEFAULT_RULES) -> PartitionSpec:
+def partition_spec(
+    axes: tuple[str | None, ...],
+    mesh: Mesh | None = None,
+    rules: Mapping[str, str | None] = DEFAULT_RULES,
+) -> PartitionSpec:
     """PartitionSpec for logical `axes`. Mesh axes the mesh lacks (or of size 1) are dropped, so the
     same rules serve every mesh shape."""
     used: set[str] = set()
@@ -55,8 +58,9 @@ def partition_spec(axes: tuple[str | None, ...], mesh: Mesh | None = None,
     return PartitionSpec(*out)
 
 
-def named_sharding(mesh: Mesh, axes: tuple[str | None, ...],
-                   rules: Mapping[str, str | None] = DEFAULT_RULES) -> NamedSharding:
+def named_sharding(
+    mesh: Mesh, axes: tuple[str | None, ...], rules: Mapping[str, str | None] = DEFAULT_RULES
+) -> NamedSharding:
     return NamedSharding(mesh, partition_spec(axes, mesh, rules))
 
 
@@ -74,18 +78,28 @@ def check_divisible(spec: Any, mesh: Mesh, rules: Mapping[str, str | None] = DEF
         for dim, (size, mesh_axis) in enumerate(zip(info.shape, pspec)):
             n = 1 if mesh_axis is None else mesh.shape[mesh_axis]
             if size % n:
-                raise ValueError(f"{path}: dimension {dim} ({info.axes[dim]}={size}) does not split "
-                                 f"over mesh axis {mesh_axis!r} of size {n}")
+                raise ValueError(
+                    f"{path}: dimension {dim} ({info.axes[dim]}={size}) does not split "
+                    f"over mesh axis {mesh_axis!r} of size {n}"
+                )
 
 
-def constrain(x: jax.Array, axes: tuple[str | None, ...],
-              rules: Mapping[str, str | None] = DEFAULT_RULES) -> jax.Array:
-    """Sharding hint for an activation under the ambient mesh (jax.set_mesh); a no-op without one."""
+def constrain(
+    x: jax.Array, axes: tuple[str | None, ...], rules: Mapping[str, str | None] = DEFAULT_RULES
+) -> jax.Array:
+    """Sharding hint for an activation under the ambient mesh (jax.set_mesh); no-op without."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, partition_spec(axes, mesh, rules))
 
 
-__all__ = ["DEFAULT_RULES", "ArrayInfo", "check_divisible", "constrain", "named_sharding",
-           "partition_spec", "shardings"]
+__all__ = [
+    "DEFAULT_RULES",
+    "ArrayInfo",
+    "check_divisible",
+    "constrain",
+    "named_sharding",
+    "partition_spec",
+    "shardings",
+]

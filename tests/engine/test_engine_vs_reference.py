@@ -32,12 +32,19 @@ def model():
 
 def make_engine(**overrides) -> LLMEngine:
     cfg, params, tok = model()
-    kw = dict(max_model_len=128, max_num_seqs=32, max_num_batched_tokens=64, page_size=8,
-              num_pages=400, enable_prefix_caching=True)
+    kw = dict(
+        max_model_len=128,
+        max_num_seqs=32,
+        max_num_batched_tokens=64,
+        page_size=8,
+        num_pages=400,
+        enable_prefix_caching=True,
+    )
     kw.update(overrides)
     num_pages = kw.pop("num_pages")
-    return LLMEngine(cfg, params, tok, make_mesh(1), EngineConfig(**kw, num_pages=num_pages),
-                     num_pages=num_pages)
+    return LLMEngine(
+        cfg, params, tok, make_mesh(1), EngineConfig(**kw, num_pages=num_pages), num_pages=num_pages
+    )
 
 
 def workload(n=64, seed=0):
@@ -79,12 +86,16 @@ def greedy_params(max_tokens):
     return [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(max_num_batched_tokens=16),  # prefill chunks of at most 16 tokens, mixed with decodes
-    dict(enable_prefix_caching=False),
-    dict(num_pages=24),  # 23 usable pages of 8 tokens for 32 sequences: preemption by recompute
-    dict(async_scheduling=False),
-], ids=["chunk16", "no-prefix-cache", "tiny-pool-preemption", "sync"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(max_num_batched_tokens=16),  # prefill chunks of at most 16 tokens, mixed with decodes
+        dict(enable_prefix_caching=False),
+        dict(num_pages=24),  # 23 usable pages of 8 tokens for 32 sequences: preemption by recompute
+        dict(async_scheduling=False),
+    ],
+    ids=["chunk16", "no-prefix-cache", "tiny-pool-preemption", "sync"],
+)
 def test_greedy_matches_dense_reference(overrides):
     prompts, max_tokens = workload()
     engine = make_engine(**overrides)
@@ -105,8 +116,9 @@ def test_greedy_matches_dense_reference(overrides):
 
 
 def seeded(max_tokens, seed):
-    return SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=seed, max_tokens=max_tokens,
-                          ignore_eos=True)
+    return SamplingParams(
+        temperature=0.8, top_p=0.9, top_k=50, seed=seed, max_tokens=max_tokens, ignore_eos=True
+    )
 
 
 def test_seeded_sampling_independent_of_batch():
@@ -134,10 +146,10 @@ def test_prefix_sharing_prefills_only_the_tail():
     engine = make_engine(max_model_len=1200, num_pages=400, max_num_batched_tokens=256)
     rng = np.random.default_rng(7)
     prefix = [int(t) for t in rng.integers(3, 256, 1000)]
-    first = prefix + [5, 6, 7]
+    first = [*prefix, 5, 6, 7]
     run(engine, [first], greedy_params([2]))
     before = engine.stats.prefill_tokens
-    second = prefix + [9, 10, 11, 12, 13]
+    second = [*prefix, 9, 10, 11, 12, 13]
     out = run(engine, [second], greedy_params([2]))[0]
     prefilled = engine.stats.prefill_tokens - before
     cached = out.metrics.num_cached_tokens

@@ -4,7 +4,6 @@ bitwise, then every layer's hidden state, then the logits, then 32 greedy tokens
 import functools
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -39,14 +38,24 @@ def full_forward(cfg, params, ids):
     z = jnp.zeros((t, cfg.num_kv_heads, cfg.head_dim), jnp.float32)
     caches = [DenseCache(z, z)] * cfg.num_layers
     pos = jnp.arange(t, dtype=jnp.int32)
-    x, _, hidden = llama.forward(params, cfg, jnp.asarray(ids), pos, caches,
-                                 DenseMeta(pos, pos[0]), attn, collect_hidden=True)
+    x, _, hidden = llama.forward(
+        params,
+        cfg,
+        jnp.asarray(ids),
+        pos,
+        caches,
+        DenseMeta(pos, pos[0]),
+        attn,
+        collect_hidden=True,
+    )
     return x, hidden, llama.logits(params, x)
 
 
 def test_fixture_set_covers_every_family():
-    types = {json.loads((FIXTURES / "models" / m / "config.json").read_text())["model_type"]
-             for m in MODELS}
+    types = {
+        json.loads((FIXTURES / "models" / m / "config.json").read_text())["model_type"]
+        for m in MODELS
+    }
     assert types == {"llama", "mistral", "qwen2", "qwen3"}
     assert len(MODELS) >= 7
 
@@ -72,7 +81,9 @@ def test_hidden_states_and_logits(name):
         assert rel_err(hidden[i], ref[i]) < 1e-4, f"layer {i} input differs"
     assert rel_err(x, ref[-1]) < 1e-4, "final normed hidden state differs"
     assert rel_err(logits, g["logits"]) < 1e-4
-    np.testing.assert_allclose(logits, g["logits"], rtol=1e-4, atol=1e-4 * np.abs(g["logits"]).max())
+    np.testing.assert_allclose(
+        logits, g["logits"], rtol=1e-4, atol=1e-4 * np.abs(g["logits"]).max()
+    )
 
 
 @pytest.mark.parametrize("name", MODELS)

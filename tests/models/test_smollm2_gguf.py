@@ -41,7 +41,7 @@ def test_config_from_gguf():
 
 @pytest.mark.parametrize("name", PROMPTS)
 def test_logits_and_greedy_chat_reply(name):
-    cfg, params, g, gen = loaded()
+    _, _, g, gen = loaded()
     ids = [int(t) for t in g[f"{name}.prompt_ids"]]
     logits, _, _ = gen.prefill(ids, 128)
     assert rel_err(logits, g[f"{name}.logits_last4"][-1]) < 1e-4
@@ -50,7 +50,7 @@ def test_logits_and_greedy_chat_reply(name):
 
 
 def test_every_layer_hidden_state():
-    cfg, params, g, gen = loaded()
+    cfg, _, g, gen = loaded()
     ids = [int(t) for t in g["capital.prompt_ids"]]
     _, _, hidden = gen.prefill(ids, 64, collect_hidden=True)
     ref = g["capital.hidden_states_last"]  # [31, D]: embeddings, layers 0..28 outputs, final norm
@@ -62,6 +62,7 @@ def test_every_layer_hidden_state():
 def test_chat_prompt_ids_match_transformers():
     g = loaded()[2]
     tok = Tokenizer.from_pretrained(default_model_path())
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
+    )
     assert ids == [int(t) for t in g["capital.prompt_ids"]]

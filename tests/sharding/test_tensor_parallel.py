@@ -1,4 +1,4 @@
-"""The same logits on 8 simulated CPU devices with tensor parallelism 2, 4 and 8 as on one device."""
+"""Tensor parallelism 2, 4 and 8 on 8 simulated CPU devices gives the one-device logits."""
 
 import functools
 
@@ -22,8 +22,9 @@ def forward_logits(params, ids, *, cfg):
     attn = DenseAttention(scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window)
     z = jnp.zeros((t, cfg.num_kv_heads, cfg.head_dim), jnp.float32)
     pos = jnp.arange(t, dtype=jnp.int32)
-    x, _, _ = llama.forward(params, cfg, ids, pos, [DenseCache(z, z)] * cfg.num_layers,
-                            DenseMeta(pos, pos[0]), attn)
+    x, _, _ = llama.forward(
+        params, cfg, ids, pos, [DenseCache(z, z)] * cfg.num_layers, DenseMeta(pos, pos[0]), attn
+    )
     return llama.logits(params, x)
 
 
@@ -59,13 +60,33 @@ def test_kv_heads_replicated_when_tp_exceeds_them():
 
 def test_indivisible_heads_raise_clearly():
     # SmolLM2-135M: 9 query heads, 3 KV heads.
-    cfg = ModelConfig(model_type="llama", vocab_size=32, hidden_size=576, intermediate_size=64,
-                      num_layers=1, num_heads=9, num_kv_heads=3, head_dim=64)
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 must divide num_attention_heads=9"):
+    cfg = ModelConfig(
+        model_type="llama",
+        vocab_size=32,
+        hidden_size=576,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+    )
+    with pytest.raises(
+        ValueError, match=r"tensor_parallel_size=2 must divide num_attention_heads=9"
+    ):
         cfg.with_tensor_parallel(2)
     assert cfg.with_tensor_parallel(3).num_kv_heads == 3
     assert cfg.with_tensor_parallel(9).num_kv_heads == 9
-    eight_kv = ModelConfig(model_type="llama", vocab_size=32, hidden_size=64, intermediate_size=64,
-                           num_layers=1, num_heads=24, num_kv_heads=8, head_dim=8)
+    eight_kv = ModelConfig(
+        model_type="llama",
+        vocab_size=32,
+        hidden_size=64,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=24,
+        num_kv_heads=8,
+        head_dim=8,
+    )
     with pytest.raises(ValueError, match="num_key_value_heads=8"):
-        eight_kv.with_tensor_parallel(12)  # divides 24 query heads, neither divides nor is a multiple of 8
+        eight_kv.with_tensor_parallel(
+            12
+        )  # divides 24 query heads, neither divides nor is a multiple of 8

@@ -1,0 +1,294 @@
+"""Offline engine benchmark: throughput, host overhead, GPU idle time, batch-1 latency, prefill rate.
+
+    python scripts/bench_offline.py                         # CPU-sized, the embedded default model
+    python scripts/bench_offline.py --model random:llama3-8b --num-requests 512 --input-len 1024 \
+        --output-len 256 --max-num-seqs 256 --json out.json  # the H100 run
+
+Phases (each printed as a table row and written to JSON):
+  throughput   N requests, random input tokens, ignore_eos, temperature 1 (as vLLM's benchmark)
+  host         host milliseconds per steady-decode step at the largest batch (schedule + prepare
+               + launch + update; the time blocked on the device is excluded)
+  idle         fraction of steady-decode wall time the device sits idle: 1 − t_device / t_wall, where
+               t_device is the same decode step replayed back to back with no host work between
+  decode_bN    steady decode at batch N: ms per step and output tokens/s, beside the weight-streaming
+               floor (weights + live KV bytes / HBM bandwidth)
+  prefill      one prompt of --prefill-len tokens: time and model TFLOP/s (2 x non-embedding
+               parameters x tokens + attention) beside the GEMM rate of this device
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from rtpjax import LLM, SamplingParams  # noqa: E402
+from rtpjax.models import llama  # noqa: E402
+from rtpjax.models.params import num_bytes  # noqa: E402
+from rtpjax.models.presets import preset, random_params  # noqa: E402
+from rtpjax.sharding.mesh import make_mesh  # noqa: E402
+from rtpjax.weights.checkpoint import LoadedModel  # noqa: E402
+from rtpjax.weights.loader import resolve_dtype  # noqa: E402
+
+
+def build(args) -> LLM:
+    if args.model and args.model.startswith("random:"):
+        name = args.model.split(":", 1)[1]
+        cfg = preset(name).with_tensor_parallel(args.tensor_parallel_size)
+        mesh = make_mesh(args.tensor_parallel_size)
+        dtype = resolve_dtype(args.dtype)
+        params = random_params(cfg, dtype, mesh)
+        loaded = LoadedModel(name, args.model, cfg, params, None, mesh, dtype)
+    else:
+        loaded = args.model  # None → default model
+    return LLM(loaded, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
+               tensor_parallel_size=args.tensor_parallel_size, enable_prefix_caching=False,
+               kv_cache_memory_fraction=args.kv_cache_memory_fraction, progress=False)
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"prompt_token_ids": [int(t) for t in rng.integers(10, vocab - 10, length)]}
+            for _ in range(n)]
+
+
+def params_for(output_len: int, temperature: float = 1.0) -> SamplingParams:
+    return SamplingParams(temperature=temperature, max_tokens=output_len, ignore_eos=True,
+                          detokenize=False)
+
+
+def run_batch(llm: LLM, prompts, sp) -> tuple[float, list]:
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sp)
+    return time.perf_counter() - t0, outs
+
+
+def device_step_time(llm: LLM, batch: int, context: int, repeats: int) -> float:
+    """Seconds of one steady decode step at `batch` x `context`, replayed with no host work."""
+    engine = llm.engine
+    vocab = llm.model.config.vocab_size
+    for i, p in enumerate(random_prompts(batch, context, vocab, 99)):
+        engine.add_request(f"dev{i}", None, p["prompt_token_ids"], params_for(10_000))
+    # Run until every sequence decodes, then keep one decode step's inputs.
+    prepared = None
+    for _ in range(10_000):
+        engine.step()
+        sched_chunks = engine._inflight.prepared.chunks if engine._inflight else []
+        if len(sched_chunks) == batch and all(c.num_tokens == 1 for c in sched_chunks):
+            prepared = engine._inflight.prepared
+            break
+    assert prepared is not None, "never reached a full decode batch"
+    runner = engine.runner
+    jax.block_until_ready(runner.kv)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        runner.execute(prepared)
+    jax.block_until_ready((runner.kv, runner.prev_sampled))
+    dt = (time.perf_counter() - t0) / repeats
+    for i in range(batch):
+        engine.abort_request(f"dev{i}")
+    while engine.has_unfinished_requests():
+        engine.step()
+    return dt
+
+
+def steady_decode(llm: LLM, batch: int, context: int, steps: int) -> dict:
+    """Wall ms per decode step with `batch` sequences decoding, and the engine's host time."""
+    engine = llm.engine
+    vocab = llm.model.config.vocab_size
+    engine.stats.step_log.clear()
+    prompts = random_prompts(batch, context, vocab, 7)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"dec{batch}-{i}", None, p["prompt_token_ids"], params_for(steps + 8))
+    times = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        log = engine.stats.step_log[-1] if engine.stats.step_log else None
+        if log and log[0] == batch and log[1]:
+            times.append(time.perf_counter())
+    dts = np.diff(times)[2:-2] if len(times) > 8 else np.diff(times)
+    host = engine.stats.host_ms(min_batch=batch)
+    ms = float(np.median(dts) * 1e3) if len(dts) else float("nan")
+    return {"batch": batch, "context": context, "ms_per_step": ms,
+            "tokens_per_s": batch / ms * 1e3, "host_ms": host}
+
+
+def model_flops(cfg, tokens: int) -> float:
+    # Linear layers only: the embedding is a lookup and prefill computes logits for one token.
+    embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    per_token = 2 * (num_bytes(llama.spec(cfg, jnp.float32)) // 4 - embed)
+    attention = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * tokens * (tokens + 1) / 2
+    return per_token * tokens + attention
+
+
+def gemm_rate(m: int, k: int, n: int, dtype) -> float:
+    """TFLOP/s of XLA's matmul on this device (20 products in one jit, as DESIGN measured)."""
+    a = jax.random.normal(jax.random.key(0), (m, k), dtype)
+    bs = [jax.random.normal(jax.random.key(i + 1), (k, n), dtype) for i in range(20)]
+    f = jax.jit(lambda a, bs: [a @ b for b in bs])
+    jax.block_until_ready(f(a, bs))
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a, bs))
+    return 20 * 2 * m * k * n / (time.perf_counter() - t0) / 1e12
+
+
+def copy_bandwidth() -> float:
+    """Device copy bandwidth (bytes read + written per second) through XLA."""
+    x = jnp.ones((256 * 2**20,), jnp.float32)  # 1 GiB
+    f = jax.jit(lambda x: x * 2.0)
+    jax.block_until_ready(f(x))
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y = f(x)
+    jax.block_until_ready(y)
+    return 10 * 2 * x.nbytes / (time.perf_counter() - t0)
+
+
+def env_info() -> dict:
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                         cwd=os.path.dirname(__file__)).strip()
+    except Exception:
+        commit = "unknown"
+    dev = jax.devices()[0]
+    return {"device": getattr(dev, "device_kind", dev.platform), "backend": jax.default_backend(),
+            "jax": jax.__version__, "python": platform.python_version(), "commit": commit,
+            "date": datetime.date.today().isoformat()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="rtpjax offline engine benchmark")
+    ap.add_argument("--model", default=None, help="path, or random:<preset> (e.g. random:llama3-8b)")
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--decode-batches", default="1,64", help="comma list of steady-decode batches")
+    ap.add_argument("--decode-context", type=int, default=128)
+    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--prefill-len", type=int, default=512)
+    ap.add_argument("--phases", default="throughput,decode,idle,prefill")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    phases = set(args.phases.split(","))
+
+    info = env_info()
+    t0 = time.perf_counter()
+    llm = build(args)
+    cfg = llm.model.config
+    info["model"] = args.model or llm.model.name
+    info["weights_gb"] = num_bytes(llama.spec(cfg, llm.model.dtype)) / 1e9
+    info["load_s"] = time.perf_counter() - t0
+    results: dict = {"env": info, "args": vars(args)}
+    rows = []
+    is_gpu = jax.default_backend() == "gpu"
+    bw = copy_bandwidth() if is_gpu else None
+    results["copy_bandwidth_Bps"] = bw
+
+    # Warm-up: compile the decode and prefill buckets this run will use.
+    warm = random_prompts(min(args.max_num_seqs, args.num_requests), args.input_len,
+                          cfg.vocab_size, 1)
+    t0 = time.perf_counter()
+    run_batch(llm, warm, params_for(4))
+    results["warmup_s"] = time.perf_counter() - t0
+
+    if "throughput" in phases:
+        prompts = random_prompts(args.num_requests, args.input_len, cfg.vocab_size, 2)
+        wall, outs = run_batch(llm, prompts, params_for(args.output_len))
+        out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        host = llm.engine.stats.host_ms(min_batch=max(1, int(0.8 * args.max_num_seqs)))
+        results["throughput"] = {"wall_s": wall, "output_tokens": out_tokens,
+                                 "output_tok_s": out_tokens / wall,
+                                 "total_tok_s": (out_tokens + args.num_requests * args.input_len)
+                                 / wall, "host_ms_steady_decode": host}
+        rows.append(("throughput", f"{out_tokens / wall:,.0f} out tok/s",
+                     f"{wall:.1f} s for {args.num_requests} req x {args.input_len}+"
+                     f"{args.output_len}"))
+        if host:
+            rows.append(("host/step", f"p50 {host['p50']:.3f} ms  p99 {host['p99']:.3f} ms",
+                         f"at batch >= {int(0.8 * args.max_num_seqs)} (goal <= 1 ms)"))
+
+    weights = num_bytes(llama.spec(cfg, llm.model.dtype))
+    kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(
+        llm.model.dtype).itemsize
+    if "decode" in phases:
+        results["decode"] = []
+        for b in [int(x) for x in args.decode_batches.split(",")]:
+            r = steady_decode(llm, b, args.decode_context, args.decode_steps)
+            if bw:
+                ctx = args.decode_context + args.decode_steps / 2
+                r["floor_ms"] = (weights + b * ctx * kv_token) / bw * 1e3
+            results["decode"].append(r)
+            floor = f"floor {r['floor_ms']:.2f} ms ({r['floor_ms'] / r['ms_per_step']:.0%})" \
+                if "floor_ms" in r else ""
+            rows.append((f"decode b={b}", f"{r['ms_per_step']:.2f} ms/step, "
+                         f"{r['tokens_per_s']:,.0f} tok/s", floor))
+
+    if "idle" in phases:
+        b = max(int(x) for x in args.decode_batches.split(","))
+        dev = device_step_time(llm, b, args.decode_context, 20)
+        r = steady_decode(llm, b, args.decode_context, args.decode_steps)
+        idle = max(0.0, 1 - dev * 1e3 / r["ms_per_step"])
+        results["idle"] = {"batch": b, "device_ms": dev * 1e3, "wall_ms": r["ms_per_step"],
+                           "idle_fraction": idle, "host_ms": r["host_ms"]}
+        rows.append(("gpu idle", f"{idle:.1%}", f"batch {b}: device {dev * 1e3:.2f} ms vs wall "
+                     f"{r['ms_per_step']:.2f} ms per step (goal <= 5%)"))
+
+    if "prefill" in phases:
+        n = args.prefill_len
+        p = random_prompts(1, n, cfg.vocab_size, 3)
+        run_batch(llm, p, params_for(1))  # compile this bucket
+        times = []
+        for i in range(3):
+            p = random_prompts(1, n, cfg.vocab_size, 10 + i)
+            llm.engine.stats.step_log.clear()
+            run_batch(llm, p, params_for(1))
+            log = llm.engine.stats.step_log
+            # Prefill time: the step that computed the prompt (launch → results back).
+            times.append(sum(r[3] + r[4] for r in log))
+        t = float(np.median(times))
+        flops = model_flops(cfg, n)
+        r = {"tokens": n, "s": t, "tflops": flops / t / 1e12}
+        if is_gpu:
+            r["xla_gemm_tflops"] = gemm_rate(n, cfg.hidden_size, cfg.intermediate_size,
+                                             llm.model.dtype)
+        results["prefill"] = r
+        extra = f"XLA GEMM {r['xla_gemm_tflops']:.0f} TFLOP/s on {n}x{cfg.hidden_size}x" \
+                f"{cfg.intermediate_size}" if is_gpu else ""
+        rows.append((f"prefill {n}", f"{t * 1e3:.1f} ms, {r['tflops']:.1f} TFLOP/s", extra))
+
+    results["compiled_variants"] = llm.engine.runner.num_compiled_variants
+    print(f"\nrtpjax bench_offline: {info['model']} on {info['device']} ({info['backend']}), jax "
+          f"{info['jax']}, commit {info['commit']}, weights {info['weights_gb']:.2f} GB")
+    if bw:
+        print(f"measured copy bandwidth {bw / 1e12:.2f} TB/s")
+    w = max(len(r[0]) for r in rows)
+    for name, value, note in rows:
+        print(f"  {name:<{w}}  {value:<36} {note}")
+    print(f"  compiled step variants: {results['compiled_variants']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
