@@ -1,0 +1,334 @@
+"""Ragged paged attention on NVIDIA GPUs: one Pallas kernel (Triton lowering), decode and prefill.
+
+Work split: the queries of every sequence are cut into blocks of BQ tokens that never straddle
+sequences; a program owns (query block, kv head, kv split) and packs the block's BQ tokens x G query
+heads of that kv head into BLOCK_M = BQ*G rows (rounded up to a power of two, at least 16 for
+tl.dot), so each K/V tile is read once for all G heads. It walks its kv range in tiles of BLOCK_S
+tokens, gathering token rows through the page table (any page size; chunk boundaries anywhere), with
+an online softmax in base 2: first the tiles wholly before the block's first query position
+(no mask), then the rest under the causal/window mask. Keys past kv_len are never loaded.
+
+Decode (few rows per sequence) with few programs splits each sequence's kv range into NUM_SPLITS
+parts (flash-decoding); the parts' (acc, m, l) are merged by a small XLA fusion.
+
+The block -> sequence map is computed on device from cu_q_lens (O(NB*B) compares in one fusion),
+so the engine needs no host-prepared metadata.
+
+The kernel runs in Pallas interpret mode on CPU (the tests do that); the lowering choice and the
+measured figures are in docs/kernels/attention.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from rtpjax.kernels import ragged_paged_attention as rpa
+
+__all__ = ["GpuConfig", "choose_config", "gpu_ragged_paged_attention", "supports"]
+
+LOG2E = math.log2(math.e)
+HEAD_DIMS = (64, 128)
+_MASK = rpa.MASK_VALUE
+# Chosen by measurement (docs/kernels/attention.md).
+DECODE_PREFETCH = 0
+PREFILL_PREFETCH = 1
+DECODE_WAVES = 2
+
+
+def supports(head_dim: int, dtype: jnp.dtype) -> bool:
+    """Whether the kernel covers this head_dim and dtype (else "auto" takes the xla path)."""
+    return head_dim in HEAD_DIMS and jnp.dtype(dtype) in rpa._DTYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuConfig:
+    """Static kernel shape. block_m: rows (query tokens x heads of one kv head) per program;
+    block_s: kv tokens per tile; num_splits: kv splits per (query block, kv head); prefetch: how
+    far ahead the loop issues loads (see _kernel)."""
+
+    block_m: int
+    block_s: int
+    num_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    prefetch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prefetch not in (0, 1, 2):
+            raise ValueError(f"GpuConfig.prefetch={self.prefetch} must be 0, 1 or 2")
+        for name in ("block_m", "block_s"):
+            val = getattr(self, name)
+            if val < 16 or val & (val - 1):
+                raise ValueError(f"GpuConfig.{name}={val} must be a power of two >= 16")
+        if self.num_splits < 1:
+            raise ValueError(f"GpuConfig.num_splits={self.num_splits} must be >= 1")
+
+
+def _sm_count() -> int:
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or 132
+    except RuntimeError:
+        return 132
+
+
+def num_splits(
+    programs: int,
+    max_kv_len: int,
+    block_s: int,
+    tokens_x_heads_x_dim: int,
+    num_sms: int | None = None,
+    waves: int = DECODE_WAVES,
+) -> int:
+    """kv splits so that about `waves` programs per multiprocessor exist, each with >= 2 tiles."""
+    target = waves * (num_sms or _sm_count())
+    splits = max(1, min(-(-target // programs), -(-max_kv_len // (2 * block_s)), 64))
+    # Partials are splits x T x N x H floats: keep them small against the KV read.
+    while splits > 1 and splits * tokens_x_heads_x_dim * 4 > (64 << 20):
+        splits //= 2
+    return splits
+
+
+def choose_config(
+    num_tokens: int,
+    max_seqs: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_kv_len: int,
+    max_q_len: int | None = None,
+    num_sms: int | None = None,
+) -> GpuConfig:
+    """Block shapes from static shapes only (one compile per bucket)."""
+    G = num_q_heads // num_kv_heads
+    q_hint = max_q_len if max_q_len is not None else (1 if num_tokens <= max_seqs else num_tokens)
+    q_hint = max(1, min(q_hint, num_tokens))
+    if q_hint * G <= 64:  # decode-like: rows are scarce, bandwidth is everything
+        block_m = max(16, rpa._pow2_at_least(q_hint * G))
+        bq = max(1, block_m // G)
+        programs = rpa.num_q_blocks(num_tokens, max_seqs, bq) * num_kv_heads
+        txh = num_tokens * num_q_heads * head_dim
+        splits = num_splits(programs, max_kv_len, 64, txh, num_sms)
+        return GpuConfig(block_m, 64, splits, num_warps=4, num_stages=3, prefetch=DECODE_PREFETCH)
+    block_m = max(128, rpa._pow2_at_least(G))
+    return GpuConfig(block_m, 64, 1, num_warps=8, num_stages=3, prefetch=PREFILL_PREFETCH)
+
+
+def _kernel(
+    blk_seq_ref,  # i32[NB]
+    blk_q0_ref,  # i32[NB]
+    kv_lens_ref,  # i32[B]
+    cu_ref,  # i32[B+1]
+    pages_ref,  # i32[B*pps]
+    q_ref,  # [T*N, H]
+    kv_ref,  # [P*page_size*2K, H]
+    *out_refs,  # S == 1: o [T*N, H]; else acc f32[S*T*N, H], m f32[S*T*N], l f32[S*T*N]
+    G: int,
+    K: int,
+    N: int,
+    T: int,
+    page_size: int,
+    pps: int,
+    cfg: GpuConfig,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+    exact_f32: bool,
+):
+    BM, BS, S = cfg.block_m, cfg.block_s, cfg.num_splits
+    BQ = BM // G
+    ib, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    seq = blk_seq_ref[ib]
+
+    @pl.when(seq >= 0)
+    def _():
+        q0 = blk_q0_ref[ib]
+        kv_len = kv_lens_ref[seq]
+        q_start = cu_ref[seq]
+        q_len = cu_ref[seq + 1] - q_start
+        r = lax.broadcasted_iota(jnp.int32, (BM,), 0)
+        tok = q0 + r // G  # i32[BM]: query index within the sequence
+        row_ok = (r < BQ * G) & (tok < q_len)
+        # Masked-off rows point past the array: never dereferenced on the GPU, and dropped by
+        # interpret mode's scatter (an in-range dummy row could race a real row's store there).
+        qrow = jnp.where(row_ok, (q_start + tok) * N + kh * G + r % G, T * N)[:, None]  # [BM, 1]
+        h = lax.broadcasted_iota(jnp.int32, (1, q_ref.shape[1]), 1)  # i32[1, H]
+        # Every index an int array (no slices): the form both the Triton lowering and the
+        # interpret-mode discharge accept.
+        q = plgpu.load(q_ref.at[jnp.minimum(qrow, T * N - 1), h], mask=row_ok[:, None], other=0.0)
+        ctx = kv_len - q_len  # position of the sequence's first new token
+        qpos = ctx + tok  # i32[BM]
+        pos_first = ctx + q0
+        hi = ctx + jnp.minimum(q0 + BQ, q_len)  # keys [lo, hi) matter to this block
+        if sliding_window is None:
+            lo = jnp.int32(0)
+            n_free = (pos_first + 1) // BS  # tiles wholly at or before the first query
+        else:
+            lo = (jnp.maximum(0, pos_first - sliding_window + 1) // BS) * BS
+            n_free = jnp.int32(0)
+        n_tiles = (hi - lo + BS - 1) // BS
+        per_split = (n_tiles + S - 1) // S
+        t_begin = sp * per_split
+        t_end = jnp.minimum(n_tiles, t_begin + per_split)
+        s_arange = lax.broadcasted_iota(jnp.int32, (BS,), 0)
+        kv_base = kh * 2
+        dot = functools.partial(plgpu.dot, allow_tf32=False) if exact_f32 else plgpu.dot
+
+        def tile_rows(i):
+            """Cache rows of tile i's keys (values are the next row) and which are in range."""
+            j = lo + i * BS + s_arange  # i32[BS] kv positions
+            j_ok = (j < hi) & (i < t_end)  # past t_end belongs to the next split
+            pid = plgpu.load(
+                pages_ref.at[jnp.where(j_ok, seq * pps + j // page_size, 0)], mask=j_ok, other=0
+            )
+            row = ((pid * page_size + j % page_size) * (2 * K) + kv_base)[:, None]  # i32[BS, 1]
+            return row, j_ok
+
+        def tile_kv(row, j_ok):
+            k = plgpu.load(kv_ref.at[row, h], mask=j_ok[:, None], other=0.0)  # [BS, H]
+            v = plgpu.load(kv_ref.at[row + 1, h], mask=j_ok[:, None], other=0.0)
+            return k, v
+
+        def update(i, k, v, m, l, acc, masked: bool):
+            s = dot(q, k, trans_b=True)  # f32[BM, BS]
+            if soft_cap is None:
+                s = s * (sm_scale * LOG2E)
+            else:
+                s = (soft_cap * LOG2E) * jnp.tanh(s * (sm_scale / soft_cap))
+            if masked:
+                j = lo + i * BS + s_arange
+                vis = (j[None, :] < hi) & (j[None, :] <= qpos[:, None])
+                if sliding_window is not None:
+                    vis &= j[None, :] > qpos[:, None] - sliding_window
+                s = jnp.where(vis, s, _MASK)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            p = jnp.exp2(s - m_new[:, None])
+            if masked:
+                p = jnp.where(vis, p, 0.0)
+            alpha = jnp.exp2(m - m_new)
+            l = l * alpha + jnp.sum(p, axis=1)
+            acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
+            return m_new, l, acc
+
+        # prefetch 0: each tile loads its page ids, then its K/V (two dependent memory trips).
+        # prefetch 1: the page ids of tile i+1 are loaded while tile i's K/V are in flight.
+        # prefetch 2: tile i+1's K/V (and tile i+2's page ids) are loaded before tile i is used,
+        # a register double buffer: memory latency overlaps the math even when the compiler's
+        # own software pipelining does not happen.
+        def body(i, carry, masked: bool):
+            if cfg.prefetch == 0:
+                m, l, acc = carry
+                k, v = tile_kv(*tile_rows(i))
+                return update(i, k, v, m, l, acc, masked)
+            if cfg.prefetch == 1:
+                m, l, acc, row, j_ok = carry
+                k, v = tile_kv(row, j_ok)
+                nxt = tile_rows(i + 1)
+                return (*update(i, k, v, m, l, acc, masked), *nxt)
+            m, l, acc, k, v, row, j_ok = carry
+            k_n, v_n = tile_kv(row, j_ok)
+            nxt = tile_rows(i + 2)
+            return (*update(i, k, v, m, l, acc, masked), k_n, v_n, *nxt)
+
+        H = q_ref.shape[1]
+        carry = (
+            jnp.full((BM,), _MASK, jnp.float32),
+            jnp.zeros((BM,), jnp.float32),
+            jnp.zeros((BM, H), jnp.float32),
+        )
+        if cfg.prefetch == 1:
+            carry = (*carry, *tile_rows(t_begin))
+        elif cfg.prefetch == 2:
+            carry = (*carry, *tile_kv(*tile_rows(t_begin)), *tile_rows(t_begin + 1))
+        mid = jnp.maximum(t_begin, jnp.minimum(t_end, n_free))
+        carry = lax.fori_loop(t_begin, mid, functools.partial(body, masked=False), carry)
+        carry = lax.fori_loop(mid, t_end, functools.partial(body, masked=True), carry)
+        m, l, acc = carry[:3]
+        if S == 1:
+            (o_ref,) = out_refs
+            out = acc / jnp.where(l > 0, l, 1.0)[:, None]
+            plgpu.store(o_ref.at[qrow, h], out.astype(o_ref.dtype), mask=row_ok[:, None])
+        else:
+            acc_ref, m_ref, l_ref = out_refs
+            prow = jnp.where(row_ok[:, None], sp * (T * N) + qrow, S * T * N)  # i32[BM, 1]
+            plgpu.store(acc_ref.at[prow, h], acc, mask=row_ok[:, None])
+            plgpu.store(m_ref.at[prow[:, 0]], m, mask=row_ok)
+            plgpu.store(l_ref.at[prow[:, 0]], l, mask=row_ok)
+
+
+def gpu_ragged_paged_attention(
+    q: jax.Array,  # [T, N, H]
+    kv_pages: jax.Array,  # [P, page_size, 2K, H]
+    kv_lens: jax.Array,  # i32[B]
+    page_indices: jax.Array,  # i32[B, pages_per_seq]
+    cu_q_lens: jax.Array,  # i32[B+1]
+    num_seqs: jax.Array,  # i32[1]
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    max_q_len: int | None = None,
+    config: GpuConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # [T, N, H] in q.dtype; padding tokens zero
+    """The Pallas (Triton lowering) kernel; inputs as validated by ragged_paged_attention."""
+    T, N, H = q.shape
+    P, page_size, K2, _ = kv_pages.shape
+    K = K2 // 2
+    G = N // K
+    B, pps = page_indices.shape
+    if H not in HEAD_DIMS:
+        raise ValueError(f"head_dim={H} is not supported by the GPU kernel: use one of {HEAD_DIMS}")
+    cfg = config or choose_config(T, B, N, K, H, pps * page_size, max_q_len)
+    if cfg.block_m < G:
+        raise ValueError(
+            f"GpuConfig.block_m={cfg.block_m} must be >= G={G} query heads per kv head"
+        )
+    BQ = cfg.block_m // G
+    NB = rpa.num_q_blocks(T, B, BQ)
+    S = cfg.num_splits
+    blk_seq, blk_q0, _ = rpa.q_block_map(cu_q_lens, num_seqs, BQ, NB)
+
+    kernel = functools.partial(
+        _kernel, G=G, K=K, N=N, T=T, page_size=page_size, pps=pps, cfg=cfg, sm_scale=sm_scale,
+        sliding_window=sliding_window, soft_cap=soft_cap,
+        exact_f32=jnp.dtype(q.dtype) == jnp.float32,
+    )  # fmt: skip
+    if S == 1:
+        out_shape = jax.ShapeDtypeStruct((T * N, H), q.dtype)
+    else:
+        out_shape = (
+            jax.ShapeDtypeStruct((S * T * N, H), jnp.float32),
+            jax.ShapeDtypeStruct((S * T * N,), jnp.float32),
+            jax.ShapeDtypeStruct((S * T * N,), jnp.float32),
+        )
+    res = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(NB, K, S),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=f"ragged_paged_attention_m{cfg.block_m}_s{cfg.block_s}_x{S}",
+    )(
+        blk_seq, blk_q0, kv_lens, cu_q_lens, page_indices.reshape(B * pps),
+        q.reshape(T * N, H), kv_pages.reshape(P * page_size * K2, H),
+    )  # fmt: skip
+    if S == 1:
+        out = res.reshape(T, N, H)
+    else:
+        acc, m, l = (x.reshape(S, T * N, *x.shape[1:]) for x in res)
+        m_all = jnp.max(m, axis=0)  # f32[T*N]
+        w = jnp.exp2(m - m_all)  # f32[S, T*N]
+        den = jnp.sum(w * l, axis=0)
+        num = jnp.sum(w[..., None] * acc, axis=0)  # f32[T*N, H]
+        out = (num / jnp.where(den > 0, den, 1.0)[:, None]).reshape(T, N, H)
+    # Rows of padding tokens were never written (S == 1) or merge garbage (S > 1).
+    valid = jnp.arange(T) < cu_q_lens[num_seqs[0]]
+    return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)

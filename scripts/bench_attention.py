@@ -1,0 +1,478 @@
+"""Benchmark ragged paged attention on a GPU: decode bandwidth, prefill TFLOP/s, correctness.
+
+    python scripts/bench_attention.py [--out bench_attention.json] [--sweep] [--quick]
+
+Prints tables and writes JSON:
+- the measured HBM copy bandwidth (read + write) through JAX: the decode ceiling;
+- decode at batch {1, 8, 64, 256} x context {512, 2k, 8k, 32k}: time per call and KV bytes read per
+  second against that ceiling;
+- prefill of 2k/4k/8k tokens (one sequence, no cache) and a 2k chunk over a cached prefix: TFLOP/s
+  (causal FLOPs actually needed) against cuDNN flash attention on the same shape;
+- the relative error of every timed shape against ref_ragged_paged_attention, plus a correctness
+  suite of mixed decode+prefill batches, GQA ratios, head dims, page sizes, f32, soft cap, window;
+- with --sweep, kernel block shapes tried on a few shapes.
+Shapes are Llama-3-8B's attention (32 query heads, 8 KV heads, head_dim 128, bf16), one layer.
+
+Timing: each measurement runs the call `iters` times inside one jitted fori_loop (each iteration's q
+depends on the last output, so nothing is hoisted) and rotates among page tables over disjoint page
+sets so small shapes are not served from the 50 MB L2; median of 5 runs. The loop's own
+per-iteration cost is measured too and printed. Calls under 300 MB of KV are also timed as 12
+calls in straight-line code (JSON `time_unrolled_us`): there XLA's launch gaps show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from rtpjax.kernels import ragged_paged_attention as rpa
+from rtpjax.kernels import ragged_paged_attention_gpu as gpu
+
+T0 = time.time()
+LOG: list[str] = []
+INTERPRET = False  # --smoke: run the kernel in interpret mode on tiny shapes (a CPU check of this
+# script itself)
+
+
+def say(msg: str) -> None:
+    line = f"[{time.time() - T0:6.1f}s] {msg}"
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def median_time(fn, *args, reps: int = 5) -> float:
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 2 GiB elementwise pass (the decode ceiling)."""
+    x = jax.random.normal(jax.random.key(0), (1 << (20 if INTERPRET else 30),), jnp.bfloat16)
+    iters = 20
+
+    @jax.jit
+    def f(x):
+        return lax.fori_loop(0, iters, lambda i, y: y + jnp.bfloat16(1), x)
+
+    t = median_time(f, x) / iters
+    return 2 * x.nbytes / t
+
+
+def loop_overhead(iters: int = 200) -> float:
+    x = jnp.ones((256, 32, 128), jnp.bfloat16)
+
+    @jax.jit
+    def f(x):
+        return lax.fori_loop(0, iters, lambda i, y: y * jnp.bfloat16(1.0001), x)
+
+    return median_time(f, x) / iters
+
+
+# ----------------------------------------------------------------------------- problem setup
+
+
+def make_problem(rng, q_lens, kv_lens, *, K=8, G=4, H=128, page_size=16, dtype=jnp.bfloat16,
+                 B=None, T=None, sets=1, nan_fill=True):  # fmt: skip
+    """Random paged problem; `sets` page tables over disjoint shuffled page sets."""
+    n = len(q_lens)
+    B = B or n
+    pages = [-(-k // page_size) for k in kv_lens]
+    pps = max(pages)
+    P = sets * sum(pages) + 1
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    page_elems = page_size * 2 * K * H
+    if P * page_elems <= (1 << 31):
+        kv = jax.random.normal(key, (P, page_size, 2 * K, H), dtype)
+    else:  # huge pools: tile 2^31 random values (generating all at once needs 2x the memory)
+        blk = jax.random.normal(key, ((1 << 31) // page_elems, page_size, 2 * K, H), dtype)
+        kv = jnp.tile(blk, (-(-P // blk.shape[0]), 1, 1, 1))[:P]
+    if nan_fill:  # page 0 (the null page) holds NaN: a stray read shows
+        kv = kv.at[0].set(jnp.nan)
+    perm = rng.permutation(np.arange(1, P)).astype(np.int32)
+    tables = np.zeros((sets, B, pps), np.int32)
+    c = 0
+    for s in range(sets):
+        for b, np_ in enumerate(pages):
+            tables[s, b, :np_] = perm[c : c + np_]
+            c += np_
+    T = T or sum(q_lens)
+    q = jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), (T, K * G, H), dtype)
+    cu = np.zeros(B + 1, np.int32)
+    cu[1 : n + 1] = np.cumsum(q_lens)
+    cu[n + 1 :] = cu[n]
+    kvl = np.zeros(B, np.int32)
+    kvl[:n] = kv_lens
+    return dict(
+        q=q, kv=kv, kv_lens=jnp.asarray(kvl), tables=jnp.asarray(tables), cu=jnp.asarray(cu),
+        ns=jnp.asarray([n], jnp.int32),
+    )  # fmt: skip
+
+
+def attn_fn(impl: str, config=None, **kw):
+    if impl == "gpu":
+        return lambda q, kv, kl, pt, cu, ns: gpu.gpu_ragged_paged_attention(
+            q, kv, kl, pt, cu, ns, config=config, interpret=INTERPRET, **kw
+        )
+    return lambda q, kv, kl, pt, cu, ns: rpa.ragged_paged_attention(
+        q, kv, kl, pt, cu, ns, impl=impl, **kw
+    )
+
+
+def timed(pr, fn, iters: int, unroll: bool = False) -> float:
+    """Seconds per call: `iters` chained calls in a fori_loop, or (unroll) in straight-line code,
+    which is what the engine's jitted step runs (no per-iteration loop control)."""
+    sets = pr["tables"].shape[0]
+
+    @jax.jit
+    def loop(q, kv, kl, tables, cu, ns):
+        def body(i, q):
+            out = fn(q, kv, kl, tables[i % sets], cu, ns)
+            return q + out * jnp.zeros((), out.dtype)  # a real dependency, numerically a no-op
+
+        if unroll:
+            for i in range(iters):
+                q = body(i, q)
+            return q
+        return lax.fori_loop(0, iters, body, q)
+
+    args = (pr["q"], pr["kv"], pr["kv_lens"], pr["tables"], pr["cu"], pr["ns"])
+    return median_time(loop, *args) / iters
+
+
+def reference(pr, **kw) -> jax.Array:
+    args = (pr["q"], pr["kv"], pr["kv_lens"], pr["tables"][0], pr["cu"], pr["ns"])
+    return jax.jit(lambda *a: rpa.ref_ragged_paged_attention(*a, **kw))(*args)
+
+
+def rel_err(out, ref, n_valid: int) -> tuple[float, bool]:
+    o = np.asarray(out[:n_valid], np.float64)
+    r = np.asarray(ref[:n_valid], np.float64)
+    tail_ok = bool(np.isfinite(np.asarray(out[n_valid:], np.float32)).all())
+    if not np.isfinite(o).all():
+        return float("nan"), tail_ok
+    return float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30)), tail_ok
+
+
+def check(pr, fn, ref=None, **kw) -> float:
+    args = (pr["q"], pr["kv"], pr["kv_lens"], pr["tables"][0], pr["cu"], pr["ns"])
+    out = jax.jit(fn)(*args)
+    if ref is None:
+        ref = reference(pr, **kw)
+    err, tail_ok = rel_err(out, ref, int(pr["cu"][int(pr["ns"][0])]))
+    if not tail_ok:
+        return float("nan")
+    return err
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def correctness_suite(rng, results) -> None:
+    say("correctness suite (gpu kernel vs reference)")
+    cases = [
+        dict(name="mixed bf16 G4 H128 ps16", q=[1, 1, 37, 300, 1, 513, 2, 1],
+             kv=[700, 1, 37, 1000, 4096, 600, 17, 129]),
+        dict(name="mixed bf16 G1 H64 ps32", q=[1, 7, 100, 1], kv=[50, 7, 900, 3000], K=4, G=1,
+             H=64, page_size=32),
+        dict(name="mixed bf16 G8 H128 ps128", q=[3, 1, 250], kv=[3, 2000, 777], K=2, G=8,
+             page_size=128),
+        dict(name="mixed f32 G4 H64 ps64", q=[1, 64, 5], kv=[300, 200, 1500], K=2, H=64,
+             page_size=64, dtype=jnp.float32),
+        dict(name="window 256 + soft_cap 30", q=[1, 200, 1, 33], kv=[1000, 700, 50, 1200],
+             sliding_window=256, soft_cap=30.0),
+        dict(name="padding rows (B=12, T+40)", q=[1, 9, 1], kv=[100, 333, 2048], B=12, pad_T=40),
+    ]  # fmt: skip
+    configs = [None, gpu.GpuConfig(16, 64, 4, prefetch=2), gpu.GpuConfig(128, 64, 1, 8, 3, 0)]
+    for c in cases:
+        kw = dict(sm_scale=1.0 / float(np.sqrt(c.get("H", 128))))
+        for key in ("sliding_window", "soft_cap"):
+            if key in c:
+                kw[key] = c[key]
+        pr = make_problem(
+            rng, c["q"], c["kv"], K=c.get("K", 8), G=c.get("G", 4), H=c.get("H", 128),
+            page_size=c.get("page_size", 16), dtype=c.get("dtype", jnp.bfloat16), B=c.get("B"),
+            T=sum(c["q"]) + c.get("pad_T", 5),
+        )  # fmt: skip
+        ref = reference(pr, **kw)
+        for cfg in configs:
+            try:
+                err = check(pr, attn_fn("gpu", cfg, **kw), ref, **kw)
+            except Exception as e:
+                err = float("nan")
+                say(f"  ERROR {c['name']} {cfg}: {e!r}"[:400])
+            tol = 1e-4 if c.get("dtype") == jnp.float32 else 1e-2
+            ok = err == err and err < tol
+            results["correctness"].append(dict(case=c["name"], config=str(cfg), rel_err=err, ok=ok))
+            say(f"  {'ok  ' if ok else 'FAIL'} {c['name']:<28} {cfg!s:<70} rel_err={err:.2e}")
+
+
+def decode_section(rng, results, copy_bw, batches, contexts, page_size, sweep_configs=None):
+    say("decode")
+    K, G, H = 8, 4, 128
+    for B in batches:
+        for ctx in contexts:
+            kv_bytes = B * ctx * 2 * K * H * 2
+            if kv_bytes > 40e9:  # 256 x 32k (34 GB) still fits an 80 GB H100
+                continue
+            # Enough disjoint page sets that one loop touches >= 400 MB: 8x the L2.
+            sets = int(min(128, max(1, np.ceil(400e6 / kv_bytes))))
+            pr = make_problem(rng, [1] * B, [ctx] * B, page_size=page_size, sets=sets)
+            kw = dict(sm_scale=1 / np.sqrt(H))
+            iters = int(min(200, max(10, 0.05 / max(kv_bytes / copy_bw, 5e-6))))
+            cfgs = sweep_configs(B, ctx) if sweep_configs else [None]
+            ref = reference(pr, **kw)
+            for cfg in cfgs:
+                row = dict(batch=B, context=ctx, page_size=page_size, kv_bytes=kv_bytes)
+                try:
+                    fn = attn_fn("gpu", cfg, **kw)
+                    row["config"] = str(cfg or gpu.choose_config(B, B, K * G, K, H, ctx, 1))
+                    row["rel_err"] = check(pr, fn, ref, **kw)
+                    t = timed(pr, fn, iters)
+                    if kv_bytes < 300e6:  # small calls: launch gaps show; record both
+                        row["time_unrolled_us"] = timed(pr, fn, 12, unroll=True) * 1e6
+                    row.update(time_us=t * 1e6, tb_s=kv_bytes / t / 1e12,
+                               frac_copy=kv_bytes / t / copy_bw)  # fmt: skip
+                    unr = row.get("time_unrolled_us", 0)
+                    say(f"  B={B:<4} ctx={ctx:<6} {t * 1e6:9.1f} us (unrolled {unr:7.1f})"
+                        f"  {kv_bytes / t / 1e12:5.2f} TB/s"
+                        f"  {kv_bytes / t / copy_bw:5.1%} of copy  err={row['rel_err']:.1e}  "
+                        f"{row['config']}")  # fmt: skip
+                except Exception as e:
+                    row["error"] = repr(e)[:300]
+                    say(f"  B={B} ctx={ctx} ERROR {e!r}"[:400])
+                results["decode_sweep" if sweep_configs else "decode"].append(row)
+            del pr
+
+
+def prefill_section(rng, results, cases, sweep_configs=None):
+    say("prefill")
+    K, G, H = 8, 4, 128
+    N = K * G
+    for prefix, chunk in cases:
+        S = prefix + chunk
+        pr = make_problem(rng, [chunk], [S], page_size=16, nan_fill=True)
+        kw = dict(sm_scale=1 / np.sqrt(H))
+        # Causal FLOPs actually needed: query i sees prefix + i + 1 keys; QK^T and PV, 2 per MAC.
+        flops = 4 * N * H * (chunk * prefix + chunk * (chunk + 1) / 2)
+        row = dict(prefix=prefix, chunk=chunk, flops=flops)
+        # cuDNN on the same shape: causal when there is no prefix; else non-causal over all
+        # keys (its own FLOPs counted: it has no bottom-right causal mask through this API).
+        kq = jax.random.normal(jax.random.key(1), (1, chunk, N, H), jnp.bfloat16)
+        kk = jax.random.normal(jax.random.key(2), (1, S, K, H), jnp.bfloat16)
+        kv_ = jax.random.normal(jax.random.key(3), (1, S, K, H), jnp.bfloat16)
+        causal = bool(prefix == 0)
+        cud_flops = flops if causal else 4 * N * H * chunk * S
+        try:
+
+            @jax.jit
+            def cud(q, k, v, causal=causal):
+                def body(i, q):
+                    o = jax.nn.dot_product_attention(
+                        q, k, v, is_causal=causal, implementation="cudnn"
+                    )
+                    return q + o * jnp.zeros((), o.dtype)
+
+                return lax.fori_loop(0, 10, body, q)
+
+            tc = median_time(cud, kq, kk, kv_) / 10
+            row.update(cudnn_us=tc * 1e6, cudnn_tflops=cud_flops / tc / 1e12, cudnn_causal=causal)
+        except Exception as e:
+            row["cudnn_error"] = repr(e)[:300]
+            tc = float("nan")
+        ref = reference(pr, **kw)
+        for cfg in sweep_configs() if sweep_configs else [None]:
+            r = dict(row)
+            try:
+                fn = attn_fn("gpu", cfg, max_q_len=chunk, **kw)
+                r["config"] = str(cfg or gpu.choose_config(chunk, 1, N, K, H, S, chunk))
+                r["rel_err"] = check(pr, fn, ref, **kw)
+                t = timed(pr, fn, 10)
+                r.update(time_us=t * 1e6, tflops=flops / t / 1e12)
+                if tc == tc:
+                    r["vs_cudnn"] = (flops / t) / (cud_flops / tc)
+                cud_s = r.get("cudnn_tflops", float("nan"))
+                say(f"  prefix={prefix:<5} chunk={chunk:<5} {t * 1e6:8.0f} us"
+                    f" {flops / t / 1e12:6.1f} TFLOP/s  cuDNN {cud_s:6.1f}"
+                    f" ({'causal' if causal else 'full'})"
+                    f"  ratio {r.get('vs_cudnn', float('nan')):.2f}"
+                    f"  err={r['rel_err']:.1e}  {r['config']}")  # fmt: skip
+            except Exception as e:
+                r["error"] = repr(e)[:300]
+                say(f"  prefix={prefix} chunk={chunk} ERROR {e!r}"[:400])
+            results["prefill_sweep" if sweep_configs else "prefill"].append(r)
+        del pr
+
+
+def xla_fallback(rng, results, copy_bw) -> None:
+    say("xla path on the GPU (fallback), decode B=64 ctx=2048")
+    pr = make_problem(rng, [1] * 64, [2048] * 64, sets=2)
+    kw = dict(sm_scale=1 / np.sqrt(128))
+    fn = attn_fn("xla", **kw)
+    err = check(pr, fn, **kw)
+    t = timed(pr, fn, 20)
+    kvb = 64 * 2048 * 16 * 128 * 2
+    results["xla_fallback"] = dict(time_us=t * 1e6, tb_s=kvb / t / 1e12, rel_err=err)
+    say(f"  {t * 1e6:.1f} us  {kvb / t / 1e12:.2f} TB/s  err={err:.1e}")
+
+
+def write_kv_check(results) -> None:
+    say("write_kv in place on the GPU")
+    kv = jnp.zeros((4097, 16, 16, 128), jnp.bfloat16)
+    f = jax.jit(rpa.write_kv, donate_argnums=0)
+    k = jax.random.normal(jax.random.key(0), (256, 8, 128), jnp.bfloat16)
+    slots = jnp.asarray(np.random.default_rng(0).permutation(4096 * 16)[:256] + 16, jnp.int32)
+    p0 = kv.unsafe_buffer_pointer()
+    kv = f(kv, k, k, slots)
+    same = kv.unsafe_buffer_pointer() == p0
+    kv.block_until_ready()
+    t = time.perf_counter()
+    for _ in range(100):
+        kv = f(kv, k, k, slots)
+    kv.block_until_ready()
+    t = (time.perf_counter() - t) / 100
+    results["write_kv"] = dict(in_place=bool(same), time_us=t * 1e6)
+    say(f"  in place: {same}; {t * 1e6:.1f} us per call (256 tokens, includes dispatch)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--out", default=os.path.join(os.environ.get("OUT", "."), "bench_attention.json")
+    )
+    ap.add_argument("--sweep", action="store_true", help="also try kernel block shapes")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--skip-suite", action="store_true")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--smoke", action="store_true", help="CPU check of this script: interpret mode")
+    ap.add_argument("--once", default=None, help="B,ctx,q_len: 3 plain calls, for ncu")
+    ap.add_argument("--ncu-summary", default=None, help="summarise an `ncu --csv` log and exit")
+    args = ap.parse_args()
+    if args.ncu_summary:
+        import csv
+
+        with open(args.ncu_summary) as f:
+            rows = [r for r in csv.reader(f) if len(r) > 10]
+        head, rows = rows[0], rows[1:]
+        name, val = head.index("Kernel Name"), head.index("Metric Value")
+        for r in rows:
+            print(f"{r[val]:>12} {r[name][:90]}")
+        return
+    if args.once:
+        B, ctx, ql = (int(x) for x in args.once.split(","))
+        pr = make_problem(np.random.default_rng(0), [ql] * B, [ctx] * B)
+        fn = jax.jit(attn_fn("gpu", None, sm_scale=0.1, max_q_len=ql))
+        a = (pr["q"], pr["kv"], pr["kv_lens"], pr["tables"][0], pr["cu"], pr["ns"])
+        jax.block_until_ready(fn(*a))
+        for _ in range(3):
+            jax.block_until_ready(fn(*a))
+        return
+    if args.smoke:
+        global INTERPRET
+        INTERPRET = True
+    dev = jax.devices()[0]
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        commit = os.environ.get("RTPJAX_COMMIT", "unknown")
+    results = dict(
+        device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), commit=commit,
+        correctness=[], decode=[], decode_sweep=[], prefill=[], prefill_sweep=[],
+    )  # fmt: skip
+    say(f"{dev.device_kind} jax {jax.__version__} commit {commit}")
+    rng = np.random.default_rng(0)
+    copy_bw = copy_bandwidth()
+    results["copy_bw_tb_s"] = copy_bw / 1e12
+    results["loop_overhead_us"] = loop_overhead() * 1e6
+    say(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; fori_loop overhead "
+        f"{results['loop_overhead_us']:.1f} us/iter")  # fmt: skip
+
+    def dump() -> None:
+        results["log"] = LOG
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+    try:
+        if not args.skip_suite and not args.smoke:
+            correctness_suite(rng, results)
+        dump()
+        if args.sweep:
+
+            def dec_cfgs(B, ctx):
+                progs = B * 8
+                txh = B * 32 * 128
+                s2 = gpu.num_splits(progs, ctx, 64, txh, waves=2)
+                s4 = gpu.num_splits(progs, ctx, 64, txh, waves=4)
+                s8 = gpu.num_splits(progs, ctx, 64, txh, waves=8)
+                return [
+                    gpu.GpuConfig(16, 64, s2, 4, 3, 0),
+                    gpu.GpuConfig(16, 64, s4, 4, 3, 0),
+                    gpu.GpuConfig(16, 64, s4, 4, 3, 1),
+                    gpu.GpuConfig(16, 64, s4, 4, 3, 2),
+                    gpu.GpuConfig(16, 64, s8, 4, 3, 2),
+                    gpu.GpuConfig(16, 32, s4, 4, 3, 2),
+                ]
+
+            for B, ctx in [(1, 512), (1, 8192), (8, 2048), (64, 512), (64, 2048), (8, 32768)]:
+                decode_section(rng, results, copy_bw, [B], [ctx], args.page_size, dec_cfgs)
+                dump()
+            pre = [gpu.GpuConfig(*c) for c in [(128, 64, 1, 8, 3, 0), (128, 64, 1, 8, 3, 1),
+                   (128, 64, 1, 8, 3, 2), (64, 64, 1, 4, 3, 2), (128, 32, 1, 4, 3, 2),
+                   (128, 64, 1, 8, 2, 2)]]  # fmt: skip
+            prefill_section(rng, results, [(0, 4096)], lambda: pre)
+            dump()
+        batches = [1, 8, 64, 256]
+        contexts = [512, 2048, 8192, 32768]
+        prefills = [(0, 2048), (0, 4096), (0, 8192), (6144, 2048)]
+        if args.quick:
+            batches, contexts = [1, 64], [2048, 32768]
+        if args.smoke:
+            batches, contexts, prefills = [1, 3], [64], [(0, 64), (32, 48)]
+        decode_section(rng, results, copy_bw, batches, contexts, args.page_size)
+        dump()
+        prefill_section(rng, results, prefills)
+        dump()
+        if not args.smoke:
+            xla_fallback(rng, results, copy_bw)
+        write_kv_check(results)
+    except Exception:
+        say(traceback.format_exc())
+    dump()
+    print("\n=== decode (KV bytes / time vs copy bandwidth "
+          f"{copy_bw / 1e12:.2f} TB/s) ===")  # fmt: skip
+    for r in results["decode"]:
+        if "time_us" in r:
+            print(f"B={r['batch']:<4} ctx={r['context']:<6} {r['time_us']:9.1f} us "
+                  f"{r['tb_s']:5.2f} TB/s {r['frac_copy']:6.1%}"
+                  f"  err {r['rel_err']:.1e}")  # fmt: skip
+    print("=== prefill ===")
+    for r in results["prefill"]:
+        if "time_us" in r:
+            print(f"prefix={r['prefix']:<5} chunk={r['chunk']:<5} {r['tflops']:6.1f} TFLOP/s"
+                  f"  cuDNN {r.get('cudnn_tflops', float('nan')):6.1f}"
+                  f"  ratio {r.get('vs_cudnn', 0):.2f}"
+                  f"  err {r['rel_err']:.1e}")  # fmt: skip
+    bad = [c for c in results["correctness"] if not c["ok"]]
+    print(f"correctness suite: {len(results['correctness']) - len(bad)} ok, {len(bad)} failed")
+
+
+if __name__ == "__main__":
+    main()
