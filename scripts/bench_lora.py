@@ -1,0 +1,461 @@
+"""Benchmark the batched multi-LoRA operator (rtpjax/kernels/lora.py) on a GPU.
+
+    python scripts/bench_lora.py [--out bench_lora.json] [--sweep] [--training] [--smoke]
+
+Prints tables and writes JSON:
+- ceilings measured here: HBM copy bandwidth (read + write) and a bf16 GEMM through XLA;
+- correctness on the device: the GPU path's output and gradients against the float32 reference;
+- for G = 1, 8, 64 adapters (T = 4096 rows, D = 4096 in and out, rank 16, bf16, uneven group
+  sizes): the time LoRA adds to the base matmul `x @ W`, i.e. time(base + LoRA in one jit) -
+  time(base alone), forward and forward+backward (grads of x, a, b; W frozen, so no dW), for
+  the operator's paths beside lax.ragged_dot and a per-row gather + einsum; plus the LoRA call
+  alone, and its byte floor (x read, A and B read, delta written; backward: dy read twice, x read,
+  dx written);
+- with --sweep, kernel block shapes for each of the operator's kernels, timed alone;
+- with --training, the rows of training_benchmark() from scripts/bench_finetune.py (skipped with a
+  message when that script does not exist yet).
+--smoke runs everything on tiny shapes in Pallas interpret mode: a CPU check of this script.
+
+Timing: `reps` calls dispatched back to back, then one block_until_ready: the mean per call; median
+of `rounds` such runs, base and LoRA interleaved round by round so that drift hits both.
+"""
+
+# Shape letters follow docs/glossary.md (I, O: LoRA in/out features). The closures made in loops
+# are jitted and run within the same iteration, so late binding (B023) cannot bite.
+# ruff: noqa: E741, B023
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+from rtpjax.kernels import lora  # noqa: E402
+from rtpjax.kernels import lora_gpu as lg  # noqa: E402
+
+T0 = time.time()
+LOG: list[str] = []
+SMOKE = False
+
+
+def say(msg: str) -> None:
+    line = f"[{time.time() - T0:6.1f}s] {msg}"
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def timed(fns: dict, args: dict, reps: int = 20, rounds: int = 7) -> dict[str, float]:
+    """Seconds per call of each jitted fn (dispatch-pipelined mean, median over rounds)."""
+    if SMOKE:
+        reps, rounds = 1, 1
+    for k, f in fns.items():
+        jax.block_until_ready(f(*args[k]))
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            a = args[k]
+            t = time.perf_counter()
+            for _ in range(reps):
+                r = f(*a)
+            jax.block_until_ready(r)
+            out[k].append((time.perf_counter() - t) / reps)
+    return {k: float(np.median(v)) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------- operands
+
+
+def operands(G: int, T: int, D: int, R: int, seed: int = 0, dtype=jnp.bfloat16):
+    """x, W, a, b, group sizes (uneven, summing to T), scale, dy."""
+    rng = np.random.default_rng(seed + G)
+    w = rng.uniform(0.5, 1.5, size=G)
+    sizes = np.floor(w / w.sum() * T).astype(np.int32)
+    sizes[0] += T - sizes.sum()
+    k = jax.random.split(jax.random.key(seed), 5)
+    x = jax.random.normal(k[0], (T, D), dtype)
+    W = (jax.random.normal(k[1], (D, D), jnp.float32) / np.sqrt(D)).astype(dtype)
+    a = (jax.random.normal(k[2], (G, D, R), jnp.float32) / np.sqrt(D)).astype(dtype)
+    b = (jax.random.normal(k[3], (G, R, D), jnp.float32) / np.sqrt(R)).astype(dtype)
+    dy = jax.random.normal(k[4], (T, D), dtype)
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, size=G), jnp.float32)
+    return x, W, a, b, jnp.asarray(sizes), scale, dy
+
+
+# ------------------------------------------------------------------------- LoRA formulations
+
+
+def op_gpu(config: lg.LoraGpuConfig):
+    be = lg.GpuBackend(config, interpret=SMOKE)
+    return lambda x, a, b, gs, sc: lora.lora_delta_with(be, x, a, b, gs, sc)
+
+
+def op_xla(x, a, b, gs, sc):
+    return lora.lora_delta(x, a, b, gs, sc, impl="xla")
+
+
+def op_ragged_dot(x, a, b, gs, sc):
+    m = lora.group_meta(gs, sc, None, x.shape[0], a.shape[2])
+    s = lax.ragged_dot(x, a, gs, preferred_element_type=jnp.float32)  # f32[T, R]
+    s = (s * lora.row_scale(m)[:, None]).astype(x.dtype)
+    return lax.ragged_dot(s, b, gs, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def op_gather_einsum(x, a, b, gs, sc):
+    m = lora.group_meta(gs, sc, None, x.shape[0], a.shape[2])
+    slot = jnp.minimum(m.row_slot, a.shape[0] - 1)
+    s = jnp.einsum("TI,TIR->TR", x, a[slot], preferred_element_type=jnp.float32)
+    s = (s * lora.row_scale(m)[:, None]).astype(x.dtype)
+    return jnp.einsum("TR,TRO->TO", s, b[slot], preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def fwd_fn(op, with_base: bool):
+    if with_base:
+        return jax.jit(lambda x, W, a, b, gs, sc, dy: x @ W + op(x, a, b, gs, sc))
+    return jax.jit(lambda x, W, a, b, gs, sc, dy: op(x, a, b, gs, sc))
+
+
+def fb_fn(op, with_base: bool):
+    def f(x, W, a, b, gs, sc, dy):
+        g = (lambda x, a, b: x @ W + op(x, a, b, gs, sc)) if with_base else (
+            lambda x, a, b: op(x, a, b, gs, sc))  # fmt: skip
+        y, vjp = jax.vjp(g, x, a, b)
+        return (y, *vjp(dy))
+
+    return jax.jit(f)
+
+
+def base_fns():
+    fwd = jax.jit(lambda x, W, a, b, gs, sc, dy: x @ W)
+
+    def fb(x, W, a, b, gs, sc, dy):
+        y, vjp = jax.vjp(lambda x: x @ W, x)
+        return y, vjp(dy)[0]
+
+    return fwd, jax.jit(fb)
+
+
+# -------------------------------------------------------------------------------- ceilings
+
+
+def ceilings() -> dict:
+    n = 1 << 27 if not SMOKE else 1 << 10  # 256 MiB of bf16
+    x = jax.random.normal(jax.random.key(1), (n,), jnp.bfloat16)
+    copy = jax.jit(lambda v: v * 2)
+    t = timed({"c": copy}, {"c": (x,)})["c"]
+    bw = 2 * x.nbytes / t
+    res = {"copy_tb_s": bw / 1e12}
+    for d in (4096, 8192) if not SMOKE else (64,):
+        k1, k2 = jax.random.split(jax.random.key(d))
+        p = jax.random.normal(k1, (d, d), jnp.bfloat16)
+        q = jax.random.normal(k2, (d, d), jnp.bfloat16)
+        tm = timed({"m": jax.jit(jnp.matmul)}, {"m": (p, q)})["m"]
+        res[f"gemm_{d}_ms"] = tm * 1e3
+        res[f"gemm_{d}_tflops"] = 2 * d**3 / tm / 1e12
+    say(f"ceilings: copy {res['copy_tb_s']:.2f} TB/s (read+write); " + ", ".join(
+        f"{k} {v:.3g}" for k, v in res.items() if k.startswith("gemm")))  # fmt: skip
+    return res
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+def _rel(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def correctness(config: lg.LoraGpuConfig) -> list[dict]:
+    rows = []
+    shapes = [(1000, 1024, 16, 768, 8, 37, (jnp.bfloat16, jnp.float32)),
+              (4096, 4096, 16, 4096, 64, 0, (jnp.bfloat16,))]  # fmt: skip
+    if SMOKE:
+        shapes = [(40, 32, 8, 24, 3, 5, (jnp.bfloat16, jnp.float32))]
+    for T, I, R, O, G, tail, dtypes in shapes:
+        rng = np.random.default_rng(T)
+        sizes = rng.multinomial(T - tail, np.ones(G) / G).astype(np.int32)
+        sizes[G // 2] = 0
+        rank = rng.integers(1, R + 1, size=G).astype(np.int32)
+        k = jax.random.split(jax.random.key(T), 4)
+        for dtype in dtypes:
+            x = jax.random.normal(k[0], (T, I), dtype)
+            a = (jax.random.normal(k[1], (G, I, R)) / np.sqrt(I)).astype(dtype)
+            b = jax.random.normal(k[2], (G, R, O)).astype(dtype)
+            dy = jax.random.normal(k[3], (T, O), dtype)
+            gs, sc, rk = jnp.asarray(sizes), jnp.asarray(rng.uniform(0.5, 2, G), jnp.float32), (
+                jnp.asarray(rank))  # fmt: skip
+            be = lg.GpuBackend(config, interpret=SMOKE)
+
+            def run(fn, *ops):
+                y, vjp = jax.vjp(lambda x, a, b: fn(x, a, b), *ops)
+                return (y, *vjp(dy.astype(y.dtype)))
+
+            got = jax.jit(lambda x, a, b: run(
+                lambda x, a, b: lora.lora_delta_with(be, x, a, b, gs, sc, rank=rk), x, a, b))(
+                x, a, b)  # fmt: skip
+            f32 = [v.astype(jnp.float32) for v in (x, a, b)]
+            want = jax.jit(lambda x, a, b: run(
+                lambda x, a, b: lora.ref_lora_delta(x, a, b, gs, sc, rank=rk), x, a, b))(
+                *f32)  # fmt: skip
+            errs = {n: _rel(g_, w_) for n, g_, w_ in zip(("y", "dx", "da", "db"), got, want,
+                                                           strict=True)}  # fmt: skip
+            tail_zero = not np.asarray(got[0])[T - tail :].any() if tail else True
+            finite = all(np.isfinite(np.asarray(v, np.float32)).all() for v in got)
+            tol = 1e-2 if dtype == jnp.bfloat16 else 1e-4
+            ok = finite and tail_zero and max(errs.values()) < tol
+            row = {"shape": [T, I, R, O, G], "dtype": jnp.dtype(dtype).name, "tail": tail,
+                   "rel_err": errs, "ok": bool(ok)}  # fmt: skip
+            rows.append(row)
+            es = " ".join(f"{n} {e:.1e}" for n, e in errs.items())
+            say(f"check T{T} I{I} R{R} O{O} G{G} {row['dtype']}: {es} -> {'ok' if ok else 'FAIL'}")
+    return rows
+
+
+# ------------------------------------------------------------------------------ main table
+
+
+def floors(T: int, D: int, R: int, G: int, bw: float) -> dict:
+    """Byte floors in microseconds: forward (x read, A and B read, delta written) and backward
+    (dy read for u and for dB, x read for dA, dx written, A and B read, dA and dB written)."""
+    e = 2  # bf16
+    ab = 2 * G * D * R * e
+    fwd = 2 * T * D * e + ab
+    bwd = 4 * T * D * e + 2 * ab
+    return {"fwd_us": fwd / bw * 1e6, "fb_us": (fwd + bwd) / bw * 1e6}
+
+
+def table(bw: float, variants: dict, Gs=(1, 8, 64)) -> list[dict]:
+    T, D, R = (4096, 4096, 16) if not SMOKE else (64, 32, 16)
+    rows = []
+    base_f, base_fb = base_fns()
+    for G in Gs:
+        ops = operands(G, T, D, R)
+        fl = floors(T, D, R, G, bw)
+        for name, op in variants.items():
+            try:
+                fns = {"base_f": base_f, "lora_f": fwd_fn(op, True), "alone_f": fwd_fn(op, False),
+                       "base_fb": base_fb, "lora_fb": fb_fn(op, True),
+                       "alone_fb": fb_fn(op, False)}  # fmt: skip
+                t = timed(fns, dict.fromkeys(fns, ops))
+            except Exception as e:  # a variant that fails is reported, not fatal
+                say(f"G={G} {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                rows.append({"G": G, "variant": name, "error": f"{type(e).__name__}: {e}"[:2000]})
+                continue
+            add_f = t["lora_f"] - t["base_f"]
+            add_fb = t["lora_fb"] - t["base_fb"]
+            row = {
+                "G": G, "variant": name, "T": T, "D": D, "R": R,
+                "base_fwd_ms": t["base_f"] * 1e3, "base_fb_ms": t["base_fb"] * 1e3,
+                "added_fwd_us": add_f * 1e6, "added_fb_us": add_fb * 1e6,
+                "added_fwd_pct": 100 * add_f / t["base_f"],
+                "added_fb_pct": 100 * add_fb / t["base_fb"],
+                "alone_fwd_us": t["alone_f"] * 1e6, "alone_fb_us": t["alone_fb"] * 1e6,
+                "floor_fwd_us": fl["fwd_us"], "floor_fb_us": fl["fb_us"],
+            }  # fmt: skip
+            rows.append(row)
+            say(f"G={G:3d} {name:14s} base {row['base_fwd_ms']:.3f}/{row['base_fb_ms']:.3f} ms | "
+                f"adds fwd {row['added_fwd_us']:7.1f} us ({row['added_fwd_pct']:5.1f}%)  "
+                f"fwd+bwd {row['added_fb_us']:7.1f} us ({row['added_fb_pct']:5.1f}%) | alone "
+                f"{row['alone_fwd_us']:7.1f}/{row['alone_fb_us']:7.1f} us | floor "
+                f"{fl['fwd_us']:.1f}/{fl['fb_us']:.1f} us")  # fmt: skip
+    return rows
+
+
+def fusion_report(config: lg.LoraGpuConfig) -> dict:
+    """Does XLA fold `x @ W + delta` into the GEMM (beta = 1)? Read it off the compiled HLO."""
+    T, D, R, G = (4096, 4096, 16, 8) if not SMOKE else (64, 32, 16, 2)
+    x, W, a, b, gs, sc, dy = operands(G, T, D, R)
+    f = fwd_fn(op_gpu(config), True)
+    hlo = f.lower(x, W, a, b, gs, sc, dy).compile().as_text()
+    beta1 = '"beta":1' in hlo.replace(" ", "")
+    n_fusions = hlo.count(" fusion(")
+    say(f"fusion: GEMM with beta=1 in the forward: {beta1}; fusions in the program: {n_fusions}")
+    return {"gemm_beta_1": beta1, "fusions": n_fusions, "hlo_tail": hlo[-4000:]}
+
+
+# ---------------------------------------------------------------------------------- sweep
+
+
+def sweep(bw: float) -> dict:
+    """Each kernel alone at G = 1 and 64 over a few block shapes."""
+    T, D, R = (4096, 4096, 16) if not SMOKE else (64, 32, 16)
+    K = lg.KernelConfig
+    fwd_cfgs = [K(16, 64, 128), K(32, 64, 128), K(32, 128, 256, num_warps=8), K(64, 64, 128),
+                K(16, 128, 64, num_stages=4)]  # fmt: skip
+    shrink_cfgs = [K(16, 64), K(32, 128), K(64, 64), K(64, 128, num_warps=8)]
+    expand_cfgs = [K(32, 16, 128), K(64, 16, 256, num_warps=8), K(128, 16, 128),
+                   K(128, 16, 256, num_warps=8)]  # fmt: skip
+    tgmm_cfgs = [K(64, 64, 64), K(128, 64, 64), K(64, 128, 64, num_warps=8), K(32, 32, 32)]
+    out: dict = {}
+    for G in (64, 1) if not SMOKE else (2,):
+        few = G == 1  # at G = 1 only the fused forward and the tgmm (row splits) are timed
+        x, _, a, b, gs, sc, dy = operands(G, T, D, R)
+        m = lora.group_meta(gs, sc, None, T, R)
+        vmap_ = lambda c: lg.visit_map(m, T, c.block_t)
+        s = jax.random.normal(jax.random.key(3), (T, R), jnp.float32)
+        sb = s.astype(x.dtype)
+        # n calls in one jit, each on its own copy of the metadata (equal values XLA cannot see
+        # through, so no call is merged), so the host's dispatch cost is paid once per n.
+        n = 10 if not SMOKE else 1
+        lim = jnp.stack([jnp.full((G,), T, jnp.int32)] * n)  # i32[n, G]
+
+        def many(kernel):
+            def f(lim, *args):
+                return [kernel(m._replace(rank=jnp.minimum(m.rank, lim[i]),
+                                          ends=jnp.minimum(m.ends, lim[i])), *args)
+                        for i in range(n)]  # fmt: skip
+
+            return jax.jit(f)
+
+        K_ = {}
+        for c in fwd_cfgs:
+            vm = vmap_(c)
+            K_[f"fused {c}"] = (lambda m, x, a, b, c=c, vm=vm: lg._fwd(
+                x, a, b, m, vm, c, True, SMOKE), (x, a, b))  # fmt: skip
+        for c in [] if few else shrink_cfgs:
+            vm = vmap_(c)
+            K_[f"shrink {c}"] = (lambda m, x, a, b, c=c, vm=vm: lg._fwd(
+                x, a, b, m, vm, c, False, SMOKE)[0], (x, a, b))  # fmt: skip
+            K_[f"shrink_t {c}"] = (lambda m, dy, b, c=c, vm=vm: lg.gmm(
+                dy, b, m, True, jnp.float32, cfg=c, vm=vm, interpret=SMOKE), (dy, b))  # fmt: skip
+        for c in [] if few else expand_cfgs:
+            vm = vmap_(c)
+            kw = dict(k_is_rank=True, interpret=SMOKE, vm=vm)
+            K_[f"expand {c}"] = (lambda m, s, b, c=c, kw=kw: lg.gmm(
+                s, b, m, False, s.dtype, cfg=c, **kw), (sb, b))  # fmt: skip
+            K_[f"expand_t {c}"] = (lambda m, s, a, c=c, kw=kw: lg.gmm(
+                s, a, m, True, s.dtype, cfg=c, **kw), (sb, a))  # fmt: skip
+        for c in tgmm_cfgs:
+            K_[f"tgmm_a {c}"] = (lambda m, x, s, c=c: lg.tgmm(
+                x, s, m, G, x.dtype, cfg=c, interpret=SMOKE), (x, sb))  # fmt: skip
+            K_[f"tgmm_b {c}"] = (lambda m, s, dy, c=c: lg.tgmm(
+                s, dy, m, G, s.dtype, cfg=c, interpret=SMOKE), (sb, dy))  # fmt: skip
+        res = {}
+        for name, (kern, args) in K_.items():
+            try:
+                t = timed({"k": many(kern)}, {"k": (lim, *args)}, reps=5, rounds=5)["k"]
+                res[name] = t / n * 1e6
+            except Exception as e:
+                res[name] = f"{type(e).__name__}: {str(e)[:200]}"
+            v = res[name]
+            say(f"sweep G={G} {name}: {v if isinstance(v, str) else f'{v:.1f} us'}")
+        out[f"G{G}"] = res
+        # bytes each kernel must move, for reading the sweep against the copy ceiling
+        e = 2
+        out[f"G{G}_floor_us"] = {
+            "fused": (2 * T * D * e) / bw * 1e6, "shrink": T * D * e / bw * 1e6,
+            "expand": T * D * e / bw * 1e6, "tgmm": T * D * e / bw * 1e6,
+        }  # fmt: skip
+    return out
+
+
+def training_rows(args) -> list | None:
+    path = os.path.join(ROOT, "scripts", "bench_finetune.py")
+    if not os.path.exists(path):
+        say("--training: scripts/bench_finetune.py does not exist yet; skipped")
+        return None
+    spec = importlib.util.spec_from_file_location("bench_finetune", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not hasattr(mod, "training_benchmark"):
+        say("--training: scripts/bench_finetune.py has no training_benchmark(); skipped")
+        return None
+    rows = mod.training_benchmark()
+    for r in rows if isinstance(rows, list) else [rows]:
+        say(f"training: {r}")
+    return rows
+
+
+def main() -> None:
+    global SMOKE
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench_lora.json")
+    p.add_argument("--sweep", action="store_true", help="time kernel block shapes")
+    p.add_argument("--training", action="store_true", help="add scripts/bench_finetune.py rows")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    p.add_argument("--variants", default="gpu,gpu_unfused,xla,ragged_dot,gather_einsum")
+    args = p.parse_args()
+    SMOKE = args.smoke
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip()  # fmt: skip
+    except OSError:
+        commit = "?"
+    dev = jax.devices()[0]
+    say(f"device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+        f"commit {commit}")  # fmt: skip
+    result: dict = {
+        "date": datetime.date.today().isoformat(), "device": dev.device_kind,
+        "jax": jax.__version__, "commit": commit, "default_config": repr(lg.DEFAULT_CONFIG),
+    }  # fmt: skip
+
+    def save():
+        result["log"] = LOG
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+    config = lg.DEFAULT_CONFIG
+    steps = [("ceilings", ceilings)]
+    if not args.no_check:
+        steps.append(("correctness", lambda: correctness(config)))
+    for name, fn in steps:
+        try:
+            result[name] = fn()
+        except Exception:
+            result[name] = traceback.format_exc()
+            say(f"{name} FAILED:\n{result[name]}")
+        save()
+    bw = result["ceilings"]["copy_tb_s"] * 1e12 if isinstance(result["ceilings"], dict) else 3e12
+    if args.sweep:
+        try:
+            result["sweep"] = sweep(bw)
+        except Exception:
+            result["sweep"] = traceback.format_exc()
+            say(f"sweep FAILED:\n{result['sweep']}")
+        save()
+    all_variants = {
+        "gpu": op_gpu(config),
+        "gpu_unfused": op_gpu(dataclasses.replace(config, fused_fwd=False)),
+        "xla": op_xla,
+        "ragged_dot": op_ragged_dot,
+        "gather_einsum": op_gather_einsum,
+    }
+    variants = {k: all_variants[k] for k in args.variants.split(",") if k}
+    try:
+        result["fusion"] = fusion_report(config)
+    except Exception:
+        result["fusion"] = traceback.format_exc()
+        say(f"fusion report FAILED:\n{result['fusion']}")
+    result["table"] = table(bw, variants)
+    save()
+    if args.training:
+        result["training"] = training_rows(args)
+        save()
+    say("summary: added time over the base matmul, forward | forward+backward (goal 10% | 20%)")
+    for r in result["table"]:
+        if "error" in r:
+            say(f"  G={r['G']:3d} {r['variant']:14s} error")
+            continue
+        say(
+            f"  G={r['G']:3d} {r['variant']:14s} {r['added_fwd_us']:8.1f} us "
+            f"{r['added_fwd_pct']:5.1f}% | {r['added_fb_us']:8.1f} us {r['added_fb_pct']:5.1f}%"
+        )
+    save()
+
+
+if __name__ == "__main__":
+    main()
