@@ -66,14 +66,18 @@ def _rel(got, want) -> float:
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
+# Everything runs under jit: one compile per test instead of one per eager op.
 def _gpu(config):
-    return lambda x, a, b, gs, sc, rank: lora_gpu.gpu_lora_delta(
-        x, a, b, gs, sc, rank=rank, config=config, interpret=True
-    )
+    return jax.jit(lambda x, a, b, gs, sc, rank: lora_gpu.gpu_lora_delta(
+        x, a, b, gs, sc, rank=rank, config=config, interpret=True))  # fmt: skip
 
 
 def _impl(name):
-    return lambda x, a, b, gs, sc, rank: lora.lora_delta(x, a, b, gs, sc, rank=rank, impl=name)
+    return jax.jit(lambda x, a, b, gs, sc, rank: lora.lora_delta(x, a, b, gs, sc, rank=rank,
+                                                                 impl=name))  # fmt: skip
+
+
+REF = _impl("reference")
 
 
 PATHS = {
@@ -93,7 +97,7 @@ SHAPES = [  # (T, I, R, O, G)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_I{}_R{}_O{}_G{}".format(*s))
 def test_forward_matches_reference(path, shape):
     x, a, b, gs, sc, rank = _case(sum(shape), *shape)
-    want = lora.ref_lora_delta(x, a, b, gs, sc, rank=rank)
+    want = REF(x, a, b, gs, sc, rank)
     got = PATHS[path](x, a, b, gs, sc, rank)
     assert got.shape == want.shape and got.dtype == x.dtype
     assert np.isfinite(np.asarray(got)).all()
@@ -108,8 +112,7 @@ def test_bf16_forward(path):
     assert got.dtype == jnp.bfloat16
     # The oracle in float32 on the same bf16 inputs: only the output rounding and s's bf16
     # rounding before the expand differ.
-    want = lora.ref_lora_delta(x.astype(jnp.float32), a.astype(jnp.float32),
-                               b.astype(jnp.float32), gs, sc, rank=rank)  # fmt: skip
+    want = REF(x.astype(jnp.float32), a.astype(jnp.float32), b.astype(jnp.float32), gs, sc, rank)
     assert _rel(got, want) < TOL[jnp.bfloat16]
 
 
@@ -137,7 +140,7 @@ def test_garbage_outside_the_groups_never_leaks(path):
     got = np.asarray(PATHS[path](x, a, b, gs, sc, rank))
     assert np.isfinite(got).all()
     assert not got[31:].any()
-    want = lora.ref_lora_delta(x, a, b, gs, sc, rank=rank)
+    want = REF(x, a, b, gs, sc, rank)
     assert _rel(got, want) < TOL[jnp.float32]
 
 
@@ -153,10 +156,9 @@ def test_gradients_match_reference(path):
     T, I, R, O, G = 45, 40, 8, 24, 4
     x, a, b, gs, sc, rank = _case(5, T, I, R, O, G)
     w = jax.random.normal(jax.random.key(9), (T, O))
-    got = jax.grad(_loss(PATHS[path]), argnums=(0, 1, 2, 3))(x, a, b, sc, gs, rank, w)
+    got = jax.jit(jax.grad(_loss(PATHS[path]), argnums=(0, 1, 2, 3)))(x, a, b, sc, gs, rank, w)
     ac, bc = _clean(a, b, rank)
-    ref = lambda x, a, b, gs, sc, rank: lora.ref_lora_delta(x, a, b, gs, sc, rank=rank)
-    want = jax.grad(_loss(ref), argnums=(0, 1, 2, 3))(x, ac, bc, sc, gs, rank, w)
+    want = jax.jit(jax.grad(_loss(REF), argnums=(0, 1, 2, 3)))(x, ac, bc, sc, gs, rank, w)
     for name, g_, w_ in zip(("dx", "da", "db", "dscale"), got, want, strict=True):
         assert g_.shape == w_.shape and g_.dtype == w_.dtype, name
         assert np.isfinite(np.asarray(g_)).all(), name
@@ -173,10 +175,9 @@ def test_gradients_match_reference(path):
 def test_gradients_bf16_gpu():
     x, a, b, gs, sc, rank = _case(8, 48, 32, 16, 40, 3, dtype=jnp.bfloat16, ranks=False)
     w = jax.random.normal(jax.random.key(2), (48, 40))
-    got = jax.grad(_loss(PATHS["gpu_small"]), argnums=(0, 1, 2))(x, a, b, sc, gs, rank, w)
+    got = jax.jit(jax.grad(_loss(PATHS["gpu_small"]), argnums=(0, 1, 2)))(x, a, b, sc, gs, rank, w)
     f32 = [v.astype(jnp.float32) for v in (x, a, b)]
-    ref = lambda x, a, b, gs, sc, rank: lora.ref_lora_delta(x, a, b, gs, sc, rank=rank)
-    want = jax.grad(_loss(ref), argnums=(0, 1, 2))(*f32, sc, gs, rank, w)
+    want = jax.jit(jax.grad(_loss(REF), argnums=(0, 1, 2)))(*f32, sc, gs, rank, w)
     for g_, w_, v in zip(got, want, (x, a, b), strict=True):
         assert g_.dtype == v.dtype
         assert _rel(g_, w_) < 3e-2
@@ -188,8 +189,8 @@ def test_finite_difference_spot_check():
     x, a, b, gs, sc, rank = _case(13, 20, 12, 4, 10, 2)
     a, b = _clean(a, b, rank)
     w = jax.random.normal(jax.random.key(4), (20, 10))
-    f = lambda x, a, b, sc: _loss(PATHS["xla"])(x, a, b, sc, gs, rank, w)
-    grads = jax.grad(f, argnums=(0, 1, 2, 3))(x, a, b, sc)
+    f = jax.jit(lambda x, a, b, sc: _loss(PATHS["xla"])(x, a, b, sc, gs, rank, w))
+    grads = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))(x, a, b, sc)
     k = jax.random.split(jax.random.key(6), 4)
     args = [x, a, b, sc]
     for i, (arg, gr) in enumerate(zip(args, grads, strict=True)):
@@ -207,12 +208,13 @@ def test_by_slot_matches_per_row_formula(path):
     T, I, R, O, G = 30, 16, 4, 12, 5
     x, a, b, _, sc, rank = _case(17, T, I, R, O, G)
     slot = jnp.asarray(np.random.default_rng(1).integers(-1, G, size=T), jnp.int32)
-    got = lora.lora_delta_by_slot(x, a, b, slot, sc, rank=rank, impl=path)
-    ac, bc = _clean(a, b, rank)
-    want = jnp.stack([
-        jnp.zeros(O) if s < 0 else sc[s] * (x[t] @ ac[s]) @ bc[s]
+    got = jax.jit(lambda x: lora.lora_delta_by_slot(x, a, b, slot, sc, rank=rank, impl=path))(x)
+    ac, bc, xs = (np.asarray(v, np.float64) for v in (*_clean(a, b, rank), x))
+    want = np.stack([
+        np.zeros(O) if s < 0 else float(sc[s]) * (xs[t] @ ac[s]) @ bc[s]
         for t, s in enumerate(np.asarray(slot))
     ])  # fmt: skip
+    ac, bc = _clean(a, b, rank)
     assert _rel(got, want) < 1e-5
     assert not np.asarray(got)[np.asarray(slot) < 0].any()
 
@@ -221,7 +223,7 @@ def test_by_slot_matches_per_row_formula(path):
         return lambda x: jnp.sum(lora.lora_delta_by_slot(x, a, b, slot, sc, rank=rank,
                                                          impl=impl) ** 2)  # fmt: skip
 
-    gx, gw = jax.grad(sq(path, a, b))(x), jax.grad(sq("reference", ac, bc))(x)
+    gx, gw = jax.jit(jax.grad(sq(path, a, b)))(x), jax.jit(jax.grad(sq("reference", ac, bc)))(x)
     assert _rel(gx, gw) < 1e-4
 
 
@@ -229,29 +231,33 @@ def test_jit_and_no_rank():
     x, a, b, gs, sc, _ = _case(19, 40, 24, 8, 16, 3, ranks=False)
     f = jax.jit(lambda x, a, b, gs, sc: lora.lora_delta(x, a, b, gs, sc, impl="xla"))
     got = f(x, a, b, gs, sc)
-    want = lora.ref_lora_delta(x, a, b, gs, sc)
+    want = REF(x, a, b, gs, sc, None)
     assert _rel(got, want) < 1e-5
     # traced group sizes past T are clipped, not an error
     assert np.isfinite(np.asarray(f(x, a, b, gs.at[0].add(100), sc))).all()
 
 
 def test_visit_map_covers_every_row_once():
+    """Every row, the tail's included, is visited by exactly one (slot, tile) pair, and no
+    visit is empty; surplus visits are marked G+1."""
     rng = np.random.default_rng(0)
-    for _ in range(30):
-        T, G, bt = int(rng.integers(1, 200)), int(rng.integers(1, 9)), int(rng.choice([16, 32]))
-        sizes = rng.multinomial(int(rng.integers(0, T + 1)), np.ones(G) / G).astype(np.int32)
-        m = lora.group_meta(jnp.asarray(sizes), jnp.ones(G), None, T, 4)
-        vslot, vtile, bounds = (np.asarray(v) for v in lora_gpu.visit_map(m, T, bt))
-        assert vslot.shape == (-(-T // bt) + G,)
-        seen = np.zeros(T, int)
-        for g, tile in zip(vslot, vtile, strict=True):
-            if g > G:
-                continue
-            rows = np.arange(tile * bt, tile * bt + bt)
-            rows = rows[(rows >= bounds[0, g]) & (rows < bounds[1, g])]
-            assert rows.size, "a visit with no rows"
-            seen[rows] += 1
-        assert (seen == 1).all()
+    for T, G, bt in ((100, 6, 16), (37, 3, 32), (5, 4, 16)):
+        vm = jax.jit(lambda sizes, T=T, G=G, bt=bt: lora_gpu.visit_map(
+            lora.group_meta(sizes, jnp.ones(G), None, T, 4), T, bt))  # fmt: skip
+        for _ in range(12):
+            sizes = rng.multinomial(int(rng.integers(0, T + 1)), rng.dirichlet(np.ones(G) / 2))
+            vslot, vtile, bounds = (np.asarray(v) for v in vm(jnp.asarray(sizes, jnp.int32)))
+            assert vslot.shape == (-(-T // bt) + G,)
+            seen = np.zeros(T, int)
+            for g, tile in zip(vslot, vtile, strict=True):
+                if g > G:
+                    continue
+                rows = np.arange(tile * bt, tile * bt + bt)
+                rows = rows[(rows >= bounds[0, g]) & (rows < bounds[1, g])]
+                assert rows.size, "a visit with no rows"
+                seen[rows] += 1
+            assert (seen == 1).all()
+            np.testing.assert_array_equal(bounds[1, :G] - bounds[0, :G], sizes)
 
 
 def _args(T=8, I=4, R=2, O=3, G=2):
