@@ -8,6 +8,7 @@ import dataclasses
 from typing import NamedTuple
 
 import jax
+from jax.sharding import PartitionSpec as P
 
 from rtpjax.kernels.ragged_paged_attention import ragged_paged_attention, write_kv
 
@@ -34,6 +35,32 @@ class PagedAttention:
     max_q_len: int | None = None
 
     def __call__(self, q, k, v, kv_pages, meta: PagedMeta):
+        mesh = jax.sharding.get_abstract_mesh()
+        tp = 1 if mesh.empty else mesh.shape.get("tensor", 1)
+        if tp == 1:
+            return self._local(q, k, v, kv_pages, meta)
+        # Tensor parallelism: every shard owns K/tp KV heads (and their G query heads each) and the
+        # matching slice of every page; attention needs no communication. shard_map makes that
+        # explicit, so custom kernels (Pallas GPU, TPU) run per shard instead of being gathered.
+        heads = P(None, "tensor", None)
+        specs = (
+            P(None, "tensor", None, None),
+            heads,
+            heads,
+            P(None, None, "tensor", None),
+            PagedMeta(*(P() for _ in PagedMeta._fields)),
+        )
+        # check_vma=False: the body is per-shard by construction (no collectives), and the XLA
+        # path's scan carries would otherwise need explicit pcasts.
+        return jax.shard_map(
+            self._local,
+            mesh=mesh,
+            in_specs=specs,
+            out_specs=(P(None, "tensor", None, None), specs[3]),
+            check_vma=False,
+        )(q, k, v, kv_pages, meta)
+
+    def _local(self, q, k, v, kv_pages, meta: PagedMeta):
         T, K, G, H = q.shape
         kv_pages = write_kv(kv_pages, k, v, meta.slot_mapping)
         out = ragged_paged_attention(
