@@ -300,6 +300,7 @@ def sweep(bw: float) -> dict:
                    K(128, 16, 256, num_warps=8)]  # fmt: skip
     tgmm_cfgs = [K(64, 64, 64), K(128, 64, 64), K(64, 128, 64, num_warps=8), K(32, 32, 32)]
     out: dict = {}
+    timings: dict = {}  # kind -> config -> [us at each G]
     for G in (64, 1) if not SMOKE else (2,):
         few = G == 1  # at G = 1 only the fused forward and the tgmm (row splits) are timed
         x, _, a, b, gs, sc, dy = operands(G, T, D, R)
@@ -321,26 +322,34 @@ def sweep(bw: float) -> dict:
             return jax.jit(f)
 
         K_ = {}
+        cfgs = {}  # name -> config
         for c in fwd_cfgs:
             vm = vmap_(c)
+            cfgs[f"fused {c}"] = c
             K_[f"fused {c}"] = (lambda m, x, a, b, c=c, vm=vm: lg._fwd(
                 x, a, b, m, vm, c, True, SMOKE), (x, a, b))  # fmt: skip
         for c in [] if few else shrink_cfgs:
             vm = vmap_(c)
+            cfgs[f"shrink {c}"] = c
             K_[f"shrink {c}"] = (lambda m, x, a, b, c=c, vm=vm: lg._fwd(
                 x, a, b, m, vm, c, False, SMOKE)[0], (x, a, b))  # fmt: skip
+            cfgs[f"shrink_t {c}"] = c
             K_[f"shrink_t {c}"] = (lambda m, dy, b, c=c, vm=vm: lg.gmm(
                 dy, b, m, True, jnp.float32, cfg=c, vm=vm, interpret=SMOKE), (dy, b))  # fmt: skip
         for c in [] if few else expand_cfgs:
             vm = vmap_(c)
             kw = dict(k_is_rank=True, interpret=SMOKE, vm=vm)
+            cfgs[f"expand {c}"] = c
             K_[f"expand {c}"] = (lambda m, s, b, c=c, kw=kw: lg.gmm(
                 s, b, m, False, s.dtype, cfg=c, **kw), (sb, b))  # fmt: skip
+            cfgs[f"expand_t {c}"] = c
             K_[f"expand_t {c}"] = (lambda m, s, a, c=c, kw=kw: lg.gmm(
                 s, a, m, True, s.dtype, cfg=c, **kw), (sb, a))  # fmt: skip
         for c in tgmm_cfgs:
+            cfgs[f"tgmm_a {c}"] = c
             K_[f"tgmm_a {c}"] = (lambda m, x, s, c=c: lg.tgmm(
                 x, s, m, G, x.dtype, cfg=c, interpret=SMOKE), (x, sb))  # fmt: skip
+            cfgs[f"tgmm_b {c}"] = c
             K_[f"tgmm_b {c}"] = (lambda m, s, dy, c=c: lg.tgmm(
                 s, dy, m, G, s.dtype, cfg=c, interpret=SMOKE), (sb, dy))  # fmt: skip
         res = {}
@@ -353,13 +362,45 @@ def sweep(bw: float) -> dict:
             v = res[name]
             say(f"sweep G={G} {name}: {v if isinstance(v, str) else f'{v:.1f} us'}")
         out[f"G{G}"] = res
+        for name in K_:
+            timings.setdefault(name.split(" ")[0], {}).setdefault(cfgs[name], []).append(res[name])
         # bytes each kernel must move, for reading the sweep against the copy ceiling
         e = 2
         out[f"G{G}_floor_us"] = {
             "fused": (2 * T * D * e) / bw * 1e6, "shrink": T * D * e / bw * 1e6,
             "expand": T * D * e / bw * 1e6, "tgmm": T * D * e / bw * 1e6,
         }  # fmt: skip
+    out["best"] = best_config(timings)
+    say(f"sweep: best {out['best']}")
     return out
+
+
+def best_config(timings: dict) -> lg.LoraGpuConfig:
+    """The fastest shape of each kernel (summed over the G it was timed at and over the two
+    uses of one config), and fused vs shrink + expand for the forward (compared at G=64, the
+    one G where both were timed)."""
+
+    def pick(*kinds):
+        tot: dict = {}
+        for k in kinds:
+            for c, ts in timings.get(k, {}).items():
+                if all(isinstance(t, float) for t in ts):
+                    tot[c] = tot.get(c, 0.0) + sum(ts)
+        return min(tot, key=tot.get) if tot else None
+
+    d = lg.DEFAULT_CONFIG
+    fused, shrink = pick("fused"), pick("shrink")
+    expand, shrink_t, tg = pick("expand", "expand_t"), pick("shrink_t"), pick("tgmm_a", "tgmm_b")
+    first = lambda kind, c: timings[kind][c][0] if c is not None else 1e30
+    use_fused = shrink is None or expand is None or (
+        first("fused", fused) <= first("shrink", shrink) + first("expand", expand))  # fmt: skip
+    return lg.LoraGpuConfig(
+        fwd=(fused if use_fused else shrink) or d.fwd,
+        expand=expand or d.expand,
+        shrink_t=shrink_t or d.shrink_t,
+        tgmm=tg or d.tgmm,
+        fused_fwd=bool(use_fused),
+    )
 
 
 def training_rows(args) -> list | None:
@@ -420,9 +461,11 @@ def main() -> None:
             say(f"{name} FAILED:\n{result[name]}")
         save()
     bw = result["ceilings"]["copy_tb_s"] * 1e12 if isinstance(result["ceilings"], dict) else 3e12
+    tuned = None
     if args.sweep:
         try:
             result["sweep"] = sweep(bw)
+            tuned = result["sweep"]["best"]
         except Exception:
             result["sweep"] = traceback.format_exc()
             say(f"sweep FAILED:\n{result['sweep']}")
@@ -435,6 +478,8 @@ def main() -> None:
         "gather_einsum": op_gather_einsum,
     }
     variants = {k: all_variants[k] for k in args.variants.split(",") if k}
+    if tuned is not None and tuned != config:
+        variants = {"gpu_tuned": op_gpu(tuned), **variants}
     try:
         result["fusion"] = fusion_report(config)
     except Exception:
