@@ -220,9 +220,15 @@ def _pow2_at_least(x: int) -> int:
 
 
 def xla_block_q(num_tokens: int, max_seqs: int, max_q_len: int | None) -> int:
-    """Query tokens per block of the xla path: 1 for decode steps, up to 64 for prefill."""
+    """Query tokens per block of the xla path.
+
+    Work per kv step is about (T + B*BQ) padded query rows plus (T/BQ + B) gathered kv blocks, and
+    on CPU a row of SmolLM2-sized math costs about what gathering one block does: BQ near
+    sqrt(T/B) balances the two (1 for decode steps), capped by the longest query run and 64.
+    """
     q_hint = max_q_len if max_q_len is not None else (1 if num_tokens <= max_seqs else num_tokens)
-    return min(64, _pow2_at_least(min(q_hint, num_tokens)))
+    balance = _pow2_at_least(int(math.sqrt(num_tokens / max(1, max_seqs))))
+    return max(1, min(64, balance, _pow2_at_least(min(q_hint, num_tokens))))
 
 
 def xla_ragged_paged_attention(
@@ -266,8 +272,14 @@ def xla_ragged_paged_attention(
     tok = blk_q0[:, None] + jnp.arange(BQ, dtype=jnp.int32)[None, :]  # i32[NB, BQ]
     row_ok = tok < q_len[:, None]  # bool[NB, BQ]
     qpos = kv_len[:, None] - q_len[:, None] + tok  # i32[NB, BQ]
+    # Rows M = BQ*G (token-major) of one kv head: the scan's dots are plain batched matmuls over
+    # (block, kv head) with contiguous [M, H] x [H, BS] operands, which XLA:CPU runs several
+    # times faster than the same einsum over a [BS, K, H] operand.
+    M = BQ * G
     q_blk = q[jnp.where(row_ok, q_start[:, None] + tok, 0)]  # [NB, BQ, N, H]
-    q_blk = q_blk.reshape(NB, BQ, K, G, H).astype(cdt)
+    q_blk = q_blk.reshape(NB, BQ, K, G, H).transpose(0, 2, 1, 3, 4).reshape(NB, K, M, H)
+    q_blk = q_blk.astype(cdt)
+    qpos_m = jnp.repeat(qpos, G, axis=1)  # i32[NB, M]
 
     last = jnp.minimum(blk_q0 + BQ, q_len) - 1
     hi = jnp.where(used, kv_len - q_len + last + 1, 0)  # i32[NB]: keys [lo, hi) matter
@@ -278,39 +290,40 @@ def xla_ragged_paged_attention(
     n_steps = jnp.max(jnp.where(used, (hi - lo + BS - 1) // BS, 0))
 
     def step(i: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-        m, l, acc = carry  # f32[NB, K, G, BQ], f32[NB, K, G, BQ], f32[NB, K, G, BQ, H]
+        m, l, acc = carry  # f32[NB, K, M], f32[NB, K, M], f32[NB, K, M, H]
         start = lo + i * BS  # i32[NB]
         slot = start[:, None] // page_size + jnp.arange(ppb, dtype=jnp.int32)  # i32[NB, ppb]
         pid = page_indices[seq[:, None], jnp.minimum(slot, pps - 1)]  # i32[NB, ppb]
-        kv = kv_pages[pid].reshape(NB, BS, K, 2, H)
         s_idx = start[:, None] + jnp.arange(BS, dtype=jnp.int32)  # i32[NB, BS]
         in_range = s_idx < hi[:, None]
+        kv = kv_pages[pid].reshape(NB, BS, K, 2, H)
         kv = jnp.where(in_range[:, :, None, None, None], kv, 0).astype(cdt)  # NaN-proof
-        k, v = kv[:, :, :, 0], kv[:, :, :, 1]  # [NB, BS, K, H]
-        s = jnp.einsum("bqKGH,bsKH->bKGqs", q_blk, k, preferred_element_type=jnp.float32)
-        s = s * sm_scale  # f32[NB, K, G, BQ, BS]
+        kv = kv.transpose(0, 2, 3, 1, 4)  # [NB, K, 2, BS, H]
+        k, v = kv[:, :, 0], kv[:, :, 1]  # [NB, K, BS, H]
+        s = jnp.einsum("bKMH,bKSH->bKMS", q_blk, k, preferred_element_type=jnp.float32)
+        s = s * sm_scale  # f32[NB, K, M, BS]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
-        vis = in_range[:, None, :] & (s_idx[:, None, :] <= qpos[:, :, None])  # [NB, BQ, BS]
+        vis = in_range[:, None, :] & (s_idx[:, None, :] <= qpos_m[:, :, None])  # [NB, M, BS]
         if sliding_window is not None:
-            vis &= s_idx[:, None, :] > qpos[:, :, None] - sliding_window
-        vis = vis[:, None, None]  # [NB, 1, 1, BQ, BS]
+            vis &= s_idx[:, None, :] > qpos_m[:, :, None] - sliding_window
+        vis = vis[:, None]  # [NB, 1, M, BS]
         s = jnp.where(vis, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
         alpha = jnp.exp(m - m_new)
         l = l * alpha + p.sum(axis=-1)
-        pv = jnp.einsum("bKGqs,bsKH->bKGqH", p.astype(cdt), v, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("bKMS,bKSH->bKMH", p.astype(cdt), v, preferred_element_type=jnp.float32)
         return m_new, l, acc * alpha[..., None] + pv
 
     init = (
-        jnp.full((NB, K, G, BQ), MASK_VALUE, jnp.float32),
-        jnp.zeros((NB, K, G, BQ), jnp.float32),
-        jnp.zeros((NB, K, G, BQ, H), jnp.float32),
+        jnp.full((NB, K, M), MASK_VALUE, jnp.float32),
+        jnp.zeros((NB, K, M), jnp.float32),
+        jnp.zeros((NB, K, M, H), jnp.float32),
     )
     _, l, acc = lax.fori_loop(0, n_steps, step, init)
-    out_blk = acc / jnp.where(l > 0, l, 1.0)[..., None]  # f32[NB, K, G, BQ, H]
-    out_blk = out_blk.transpose(0, 3, 1, 2, 4).reshape(NB * BQ, N, H)
+    out_blk = acc / jnp.where(l > 0, l, 1.0)[..., None]  # f32[NB, K, M, H]
+    out_blk = out_blk.reshape(NB, K, BQ, G, H).transpose(0, 2, 1, 3, 4).reshape(NB * BQ, N, H)
 
     tseq, _, valid = token_positions(cu_q_lens, kv_lens, num_seqs, T)
     rel = jnp.arange(T, dtype=jnp.int32) - cu_q_lens[tseq]
