@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from typing import Literal
 
@@ -104,11 +105,13 @@ def validate_inputs(
             raise ValueError(f"{name}.shape={tuple(arr.shape)} must be {shape} (B={B})")
         if arr.dtype != jnp.int32:
             raise ValueError(f"{name}.dtype={arr.dtype} must be int32")
-    if not (isinstance(sm_scale, float | int) and math.isfinite(sm_scale)):
-        raise ValueError(f"sm_scale={sm_scale!r} must be a finite Python float")
-    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+    if not (isinstance(sm_scale, numbers.Real) and math.isfinite(sm_scale)):
+        raise ValueError(f"sm_scale={sm_scale!r} must be a finite real number (static)")
+    if sliding_window is not None and (
+        not isinstance(sliding_window, numbers.Integral) or sliding_window < 1
+    ):
         raise ValueError(f"sliding_window={sliding_window!r} must be None or a positive int")
-    if soft_cap is not None and not (isinstance(soft_cap, float | int) and soft_cap > 0):
+    if soft_cap is not None and not (isinstance(soft_cap, numbers.Real) and soft_cap > 0):
         raise ValueError(f"soft_cap={soft_cap!r} must be None or a positive float")
     del T
 
