@@ -158,11 +158,13 @@ def copy_bandwidth() -> float:
 
 
 def env_info() -> dict:
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                         cwd=os.path.dirname(__file__)).strip()
-    except Exception:
-        commit = "unknown"
+    commit = os.environ.get("RTPJAX_COMMIT")  # the device machine has no .git
+    if not commit:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                             cwd=os.path.dirname(__file__)).strip()
+        except Exception:
+            commit = "unknown"
     dev = jax.devices()[0]
     return {"device": getattr(dev, "device_kind", dev.platform), "backend": jax.default_backend(),
             "jax": jax.__version__, "python": platform.python_version(), "commit": commit,
