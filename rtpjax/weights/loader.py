@@ -1,9 +1,11 @@
-"""Checkpoints → parameter trees placed in their target shardings.
+"""Checkpoints → parameter trees placed in their target shardings: the simple loader.
 
-Every source (HF safetensors directory, GGUF file) is first seen as HF-named, HF-layout tensors; this
-module maps those names onto the declared parameter tree (models/llama.spec), fuses q/k/v and
+Every source (HF safetensors directory, GGUF file) is first seen as HF-named, HF-layout tensors;
+this module maps those names onto the declared parameter tree (models/llama.spec), fuses q/k/v and
 gate/up, replicates KV heads when tensor parallelism is wider than K, checks every shape against the
-declaration and puts each array straight into its NamedSharding.
+declaration and puts each array straight into its NamedSharding. It builds every fused weight on the
+host; `fast_loader` is the fast path (file-order reads, fused on the devices) and must give
+bit-identical parameters (tests/weights/test_loading.py).
 """
 
 from __future__ import annotations
@@ -25,8 +27,14 @@ from rtpjax.models.params import ArrayInfo, info_leaves
 from rtpjax.sharding import rules
 from rtpjax.sharding.mesh import make_mesh
 
-DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32,
-          "f32": jnp.float32, "float16": jnp.float16, "f16": jnp.float16}
+DTYPES = {
+    "bfloat16": jnp.bfloat16,
+    "bf16": jnp.bfloat16,
+    "float32": jnp.float32,
+    "f32": jnp.float32,
+    "float16": jnp.float16,
+    "f16": jnp.float16,
+}
 
 
 def resolve_dtype(dtype: Any) -> Any:
@@ -35,7 +43,9 @@ def resolve_dtype(dtype: Any) -> Any:
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not supported; allowed: auto, {', '.join(DTYPES)}")
+            raise ValueError(
+                f"dtype={dtype!r} is not supported; allowed: auto, {', '.join(DTYPES)}"
+            )
         return DTYPES[dtype]
     return jnp.dtype(dtype).type
 
@@ -52,25 +62,40 @@ class TensorSource(Protocol):
 _IGNORED = re.compile(r"(.*rotary_emb\.inv_freq$)")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_NAMES = {
-    "input_layernorm.weight", "post_attention_layernorm.weight",
-    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.bias",
-    "self_attn.v_proj.bias", "self_attn.o_proj.bias", "self_attn.q_norm.weight",
-    "self_attn.k_norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "self_attn.q_proj.bias",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.bias",
+    "self_attn.o_proj.bias",
+    "self_attn.q_norm.weight",
+    "self_attn.k_norm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
 }
 
 
 def check_names(source: TensorSource, cfg: ModelConfig) -> None:
     """Unknown tensors mean an architecture feature we would silently drop: refuse them."""
     for name in source.tensor_names():
-        if _IGNORED.match(name) or name in ("model.embed_tokens.weight", "model.norm.weight",
-                                            "lm_head.weight"):
+        if _IGNORED.match(name) or name in (
+            "model.embed_tokens.weight",
+            "model.norm.weight",
+            "lm_head.weight",
+        ):
             continue
         m = _LAYER.match(name)
         if m and int(m.group(1)) < cfg.num_layers and m.group(2) in _LAYER_NAMES:
             continue
-        raise ValueError(f"{source.path}: unexpected tensor {name!r} for model_type="
-                         f"{cfg.model_type!r} with {cfg.num_layers} layers")
+        raise ValueError(
+            f"{source.path}: unexpected tensor {name!r} for model_type="
+            f"{cfg.model_type!r} with {cfg.num_layers} layers"
+        )
 
 
 class _Fetch:
@@ -83,8 +108,10 @@ class _Fetch:
             raise ValueError(f"{self.source.path}: missing tensor {name!r}")
         a = self.source.tensor(name)
         if shape is not None and tuple(a.shape) != shape:
-            raise ValueError(f"{self.source.path}: tensor {name!r} has shape {tuple(a.shape)}, "
-                             f"the config implies {shape}")
+            raise ValueError(
+                f"{self.source.path}: tensor {name!r} has shape {tuple(a.shape)}, "
+                f"the config implies {shape}"
+            )
         return a
 
 
@@ -98,16 +125,20 @@ def hf_layer_tensors(fetch: _Fetch, cfg: ModelConfig, i: int) -> dict[str, np.nd
     q = fetch(p + "self_attn.q_proj.weight", (K * G * H, D)).reshape(K, G, H, D)
     k = fetch(p + "self_attn.k_proj.weight", (K0 * H, D)).reshape(K0, 1, H, D)
     v = fetch(p + "self_attn.v_proj.weight", (K0 * H, D)).reshape(K0, 1, H, D)
-    # KV head j of the replicated model is checkpoint head j // r (see ModelConfig.with_tensor_parallel).
+    # KV head j of the replicated model is checkpoint head j // r (see with_tensor_parallel).
     k, v = np.repeat(k, r, axis=0), np.repeat(v, r, axis=0)
     out: dict[str, np.ndarray | None] = {
         "attn_norm": fetch(p + "input_layernorm.weight", (D,)),
         "w_qkv": np.concatenate([q, k, v], axis=1),
-        "b_qkv": None, "q_norm": None, "k_norm": None, "b_o": None,
+        "b_qkv": None,
+        "q_norm": None,
+        "k_norm": None,
+        "b_o": None,
         "w_o": fetch(p + "self_attn.o_proj.weight", (D, K * G * H)).reshape(D, K, G, H),
         "mlp_norm": fetch(p + "post_attention_layernorm.weight", (D,)),
-        "w_gate_up": np.stack([fetch(p + "mlp.gate_proj.weight", (F, D)),
-                               fetch(p + "mlp.up_proj.weight", (F, D))]),
+        "w_gate_up": np.stack(
+            [fetch(p + "mlp.gate_proj.weight", (F, D)), fetch(p + "mlp.up_proj.weight", (F, D))]
+        ),
         "w_down": fetch(p + "mlp.down_proj.weight", (D, F)),
     }
     if cfg.qkv_bias:
@@ -131,8 +162,13 @@ def _place(a: np.ndarray, info: ArrayInfo, sharding: Any, where: str) -> jax.Arr
     return jax.device_put(host, sharding)
 
 
-def load_params(source: TensorSource, cfg: ModelConfig, dtype: Any = jnp.bfloat16,
-                mesh: Mesh | None = None, progress: bool = False) -> llama.Params:
+def load_params(
+    source: TensorSource,
+    cfg: ModelConfig,
+    dtype: Any = jnp.bfloat16,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+) -> llama.Params:
     """Read every weight of `cfg` from `source` into device arrays sharded over `mesh`."""
     check_names(source, cfg)
     mesh = mesh or make_mesh(1, 1)
@@ -148,20 +184,32 @@ def load_params(source: TensorSource, cfg: ModelConfig, dtype: Any = jnp.bfloat1
         fields = {}
         for f in dataclasses.fields(llama.Layer):
             a, info = host[f.name], getattr(lspec, f.name)
-            fields[f.name] = None if info is None else _place(
-                a, info, getattr(lshard, f.name), f"{source.path}: layer {i} {f.name}")
+            fields[f.name] = (
+                None
+                if info is None
+                else _place(a, info, getattr(lshard, f.name), f"{source.path}: layer {i} {f.name}")
+            )
         layers.append(llama.Layer(**fields))
         if bar:
             bar.update(1)
     D, V = cfg.hidden_size, cfg.vocab_size
-    embed = _place(fetch("model.embed_tokens.weight", (V, D)), spec.embed, shards.embed,
-                   f"{source.path}: embed")
+    embed = _place(
+        fetch("model.embed_tokens.weight", (V, D)),
+        spec.embed,
+        shards.embed,
+        f"{source.path}: embed",
+    )
     lm_head = None
     if not cfg.tie_word_embeddings:
-        lm_head = _place(fetch("lm_head.weight", (V, D)), spec.lm_head, shards.lm_head,
-                         f"{source.path}: lm_head")
-    final_norm = _place(fetch("model.norm.weight", (D,)), spec.final_norm, shards.final_norm,
-                        f"{source.path}: final_norm")
+        lm_head = _place(
+            fetch("lm_head.weight", (V, D)), spec.lm_head, shards.lm_head, f"{source.path}: lm_head"
+        )
+    final_norm = _place(
+        fetch("model.norm.weight", (D,)),
+        spec.final_norm,
+        shards.final_norm,
+        f"{source.path}: final_norm",
+    )
     if bar:
         bar.update(1)
         bar.close()

@@ -8,21 +8,29 @@ corrupt file is caught before anything is loaded.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
 
 DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -53,8 +61,10 @@ class SafetensorsFile:
                 raise ValueError(f"{self.path}: not a safetensors file (only {size} bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER or 8 + n > size:
-                raise ValueError(f"{self.path}: corrupt safetensors header (length {n}, file {size} "
-                                 "bytes): truncated or not a safetensors file")
+                raise ValueError(
+                    f"{self.path}: corrupt safetensors header (length {n}, file {size} "
+                    "bytes): truncated or not a safetensors file"
+                )
             try:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -70,14 +80,20 @@ class SafetensorsFile:
                 shape = tuple(int(d) for d in e["shape"])
                 begin, end = (int(o) for o in e["data_offsets"])
             except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{self.path}: corrupt header entry for tensor {name!r}: {e}") from None
+                raise ValueError(
+                    f"{self.path}: corrupt header entry for tensor {name!r}: {e}"
+                ) from None
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             if end - begin != nbytes:
-                raise ValueError(f"{self.path}: tensor {name!r} has {end - begin} bytes, its shape "
-                                 f"{shape} and dtype {e['dtype']} need {nbytes}")
+                raise ValueError(
+                    f"{self.path}: tensor {name!r} has {end - begin} bytes, its shape "
+                    f"{shape} and dtype {e['dtype']} need {nbytes}"
+                )
             if base + end > size:
-                raise ValueError(f"{self.path}: truncated: tensor {name!r} ends at byte {base + end}, "
-                                 f"the file has {size}")
+                raise ValueError(
+                    f"{self.path}: truncated: tensor {name!r} ends at byte {base + end}, "
+                    f"the file has {size}"
+                )
             self.entries[name] = TensorEntry(name, self.path, dtype, shape, base + begin, nbytes)
         self._mmap: mmap.mmap | None = None
 
@@ -113,8 +129,10 @@ class SafetensorsCheckpoint:
         else:
             found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
             if not found:
-                raise FileNotFoundError(f"{path}: no model.safetensors or {self.INDEX} "
-                                        "(only safetensors checkpoints are read; convert .bin files)")
+                raise FileNotFoundError(
+                    f"{path}: no model.safetensors or {self.INDEX} "
+                    "(only safetensors checkpoints are read; convert .bin files)"
+                )
             files = [os.path.join(path, f) for f in found]
         self.files = [SafetensorsFile(f) for f in files]
         self._where: dict[str, SafetensorsFile] = {}
@@ -142,7 +160,16 @@ class SafetensorsCheckpoint:
         return list(self._where)
 
     def entry(self, name: str) -> TensorEntry:
+        if name not in self._where:
+            raise KeyError(f"{self.path}: tensor {name!r} not in checkpoint")
         return self._where[name].entries[name]
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.entry(name).shape
+
+    @property
+    def file_paths(self) -> list[str]:
+        return [f.path for f in self.files]
 
     def tensor(self, name: str) -> np.ndarray:
         if name not in self._where:
@@ -154,8 +181,9 @@ class SafetensorsCheckpoint:
             yield from sorted(f.entries.values(), key=lambda e: e.offset)
 
 
-def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike,
-              metadata: dict[str, str] | None = None) -> None:
+def save_file(
+    tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """Write a .safetensors file (tensors in the given order)."""
     header: dict[str, object] = {}
     if metadata:
@@ -166,8 +194,11 @@ def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike,
         a = np.ascontiguousarray(a)
         if a.dtype not in DTYPE_NAMES:
             raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
-        header[name] = {"dtype": DTYPE_NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
         offset += a.nbytes
         arrays.append(a)
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -179,3 +210,124 @@ def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike,
         for a in arrays:
             f.write(a.tobytes())
     os.replace(tmp, path)
+
+
+def save_sharded(
+    tensors: Iterable[tuple[str, np.ndarray]],
+    directory: str | os.PathLike,
+    max_shard_bytes: int = 5 * 10**9,
+    metadata: dict[str, str] | None = None,
+    on_tensor: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Write (name, array) pairs, in order, as HF does: model.safetensors, or
+    model-0000i-of-0000n.safetensors plus model.safetensors.index.json when they exceed
+    `max_shard_bytes`. Holds at most one shard in memory. Returns the file names written."""
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes} must be >= 1")
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    temps: list[str] = []
+    weight_map: dict[str, int] = {}
+    shard: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush() -> None:
+        temps.append(os.path.join(directory, f".shard-{len(temps):05d}.safetensors"))
+        save_file(shard, temps[-1], metadata)
+        shard.clear()
+
+    for name, a in tensors:
+        a = np.asarray(a)
+        if name in weight_map:
+            raise ValueError(f"tensor {name!r} given twice")
+        if shard and size + a.nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        shard[name] = a
+        weight_map[name] = len(temps)
+        size += a.nbytes
+        total += a.nbytes
+        if on_tensor is not None:
+            on_tensor(a.nbytes)
+    if shard or not temps:
+        flush()
+    n = len(temps)
+    names = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
+    for tmp, name in zip(temps, names, strict=True):
+        os.replace(tmp, os.path.join(directory, name))
+    if n > 1:
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {k: names[i] for k, i in weight_map.items()},
+        }
+        with open(os.path.join(directory, SafetensorsCheckpoint.INDEX), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+    return names
+
+
+# --- page cache -----------------------------------------------------------------------------------
+
+_PAGE = mmap.PAGESIZE
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def resident_fraction(paths: Iterable[str | os.PathLike]) -> float | None:
+    """Fraction of the files' pages in the OS page cache (mincore), or None where unknown."""
+    libc = _libc()
+    if libc is None:
+        return None
+    resident = pages = 0
+    for path in paths:
+        size = os.path.getsize(path)
+        if size == 0:
+            continue
+        n = (size + _PAGE - 1) // _PAGE
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
+                vec = np.zeros(n, np.uint8)
+                if libc.mincore(addr, size, vec.ctypes.data) != 0:
+                    return None
+                resident += int(np.count_nonzero(vec & 1))
+                pages += n
+            finally:
+                libc.munmap(addr, size)
+        finally:
+            os.close(fd)
+    return resident / pages if pages else 1.0
+
+
+def drop_from_page_cache(paths: Iterable[str | os.PathLike]) -> None:
+    """Ask the kernel to drop the files' clean pages (posix_fadvise DONTNEED; no privileges)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
