@@ -26,7 +26,6 @@ of `rounds` such runs, base and LoRA interleaved round by round so that drift hi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import importlib.util
 import json
@@ -59,20 +58,25 @@ def say(msg: str) -> None:
 
 
 def timed(fns: dict, args: dict, reps: int = 20, rounds: int = 7) -> dict[str, float]:
-    """Seconds per call of each jitted fn (dispatch-pipelined mean, median over rounds)."""
+    """Seconds per call of each jitted fn (dispatch-pipelined mean, median over rounds). Calls
+    over 5 ms get 2 reps (dispatch cannot matter there)."""
     if SMOKE:
         reps, rounds = 1, 1
+    n = {}
     for k, f in fns.items():
         jax.block_until_ready(f(*args[k]))
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args[k]))
+        n[k] = 2 if time.perf_counter() - t > 5e-3 else reps
     out: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
             a = args[k]
             t = time.perf_counter()
-            for _ in range(reps):
+            for _ in range(n[k]):
                 r = f(*a)
             jax.block_until_ready(r)
-            out[k].append((time.perf_counter() - t) / reps)
+            out[k].append((time.perf_counter() - t) / n[k])
     return {k: float(np.median(v)) for k, v in out.items()}
 
 
@@ -103,6 +107,16 @@ def op_gpu(config: lg.LoraGpuConfig):
     return lambda x, a, b, gs, sc: lora.lora_delta_with(be, x, a, b, gs, sc)
 
 
+class WithBase:
+    """A formulation that takes the base output and returns base + delta (lora_delta's base=)."""
+
+    def __init__(self, config: lg.LoraGpuConfig):
+        self.be = lg.GpuBackend(config, interpret=SMOKE)
+
+    def __call__(self, base, x, a, b, gs, sc):
+        return lora.lora_delta_with(self.be, x, a, b, gs, sc, base=base)
+
+
 def op_xla(x, a, b, gs, sc):
     return lora.lora_delta(x, a, b, gs, sc, impl="xla")
 
@@ -122,16 +136,21 @@ def op_gather_einsum(x, a, b, gs, sc):
     return jnp.einsum("TR,TRO->TO", s, b[slot], preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def fwd_fn(op, with_base: bool):
+def _layer(op, W, gs, sc, with_base: bool):
+    if isinstance(op, WithBase):
+        return lambda x, a, b: op(x @ W, x, a, b, gs, sc)
     if with_base:
-        return jax.jit(lambda x, W, a, b, gs, sc, dy: x @ W + op(x, a, b, gs, sc))
-    return jax.jit(lambda x, W, a, b, gs, sc, dy: op(x, a, b, gs, sc))
+        return lambda x, a, b: x @ W + op(x, a, b, gs, sc)
+    return lambda x, a, b: op(x, a, b, gs, sc)
+
+
+def fwd_fn(op, with_base: bool):
+    return jax.jit(lambda x, W, a, b, gs, sc, dy: _layer(op, W, gs, sc, with_base)(x, a, b))
 
 
 def fb_fn(op, with_base: bool):
     def f(x, W, a, b, gs, sc, dy):
-        g = (lambda x, a, b: x @ W + op(x, a, b, gs, sc)) if with_base else (
-            lambda x, a, b: op(x, a, b, gs, sc))  # fmt: skip
+        g = _layer(op, W, gs, sc, with_base)
         y, vjp = jax.vjp(g, x, a, b)
         return (y, *vjp(dy))
 
@@ -173,17 +192,24 @@ def ceilings() -> dict:
 # ----------------------------------------------------------------------------- correctness
 
 
+def ops3(x, a, b):
+    return x, a, b
+
+
 def _rel(got, want) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-def correctness(config: lg.LoraGpuConfig) -> list[dict]:
+def correctness(config: lg.LoraGpuConfig, quick: bool = False) -> list[dict]:
     rows = []
     shapes = [(1000, 1024, 16, 768, 8, 37, (jnp.bfloat16, jnp.float32)),
               (4096, 4096, 16, 4096, 64, 0, (jnp.bfloat16,))]  # fmt: skip
     if SMOKE:
         shapes = [(40, 32, 8, 24, 3, 5, (jnp.bfloat16, jnp.float32))]
+    if quick:
+        shapes = shapes[:1]
+    configs = {"default": config, "fused": lg.FUSED_CONFIG}
     for T, I, R, O, G, tail, dtypes in shapes:
         rng = np.random.default_rng(T)
         sizes = rng.multinomial(T - tail, np.ones(G) / G).astype(np.int32)
@@ -197,30 +223,41 @@ def correctness(config: lg.LoraGpuConfig) -> list[dict]:
             dy = jax.random.normal(k[3], (T, O), dtype)
             gs, sc, rk = jnp.asarray(sizes), jnp.asarray(rng.uniform(0.5, 2, G), jnp.float32), (
                 jnp.asarray(rank))  # fmt: skip
-            be = lg.GpuBackend(config, interpret=SMOKE)
+            base0 = jax.random.normal(k[0], (T, O), dtype)
 
             def run(fn, *ops):
                 y, vjp = jax.vjp(lambda x, a, b: fn(x, a, b), *ops)
                 return (y, *vjp(dy.astype(y.dtype)))
 
-            got = jax.jit(lambda x, a, b: run(
-                lambda x, a, b: lora.lora_delta_with(be, x, a, b, gs, sc, rank=rk), x, a, b))(
-                x, a, b)  # fmt: skip
-            f32 = [v.astype(jnp.float32) for v in (x, a, b)]
-            want = jax.jit(lambda x, a, b: run(
-                lambda x, a, b: lora.ref_lora_delta(x, a, b, gs, sc, rank=rk), x, a, b))(
-                *f32)  # fmt: skip
-            errs = {n: _rel(g_, w_) for n, g_, w_ in zip(("y", "dx", "da", "db"), got, want,
-                                                           strict=True)}  # fmt: skip
-            tail_zero = not np.asarray(got[0])[T - tail :].any() if tail else True
-            finite = all(np.isfinite(np.asarray(v, np.float32)).all() for v in got)
-            tol = 1e-2 if dtype == jnp.bfloat16 else 1e-4
-            ok = finite and tail_zero and max(errs.values()) < tol
-            row = {"shape": [T, I, R, O, G], "dtype": jnp.dtype(dtype).name, "tail": tail,
-                   "rel_err": errs, "ok": bool(ok)}  # fmt: skip
-            rows.append(row)
-            es = " ".join(f"{n} {e:.1e}" for n, e in errs.items())
-            say(f"check T{T} I{I} R{R} O{O} G{G} {row['dtype']}: {es} -> {'ok' if ok else 'FAIL'}")
+            f32 = [v.astype(jnp.float32) for v in (*ops3(x, a, b), base0)]
+            for with_base in (False, True):
+                bb = base0.astype(jnp.float32) if with_base else None
+                want = jax.jit(lambda x, a, b, bb=bb: run(
+                    lambda x, a, b: lora.ref_lora_delta(x, a, b, gs, sc, rank=rk, base=bb),
+                    x, a, b))(*f32[:3])  # fmt: skip
+                for cname, cfg in configs.items():
+                    be = lg.GpuBackend(cfg, interpret=SMOKE)
+                    bb = base0 if with_base else None
+                    op = lambda x, a, b, be=be, bb=bb: lora.lora_delta_with(
+                        be, x, a, b, gs, sc, rank=rk, base=bb)  # fmt: skip
+                    got = jax.jit(lambda x, a, b, op=op: run(op, x, a, b))(x, a, b)
+                    errs = {n: _rel(g_, w_) for n, g_, w_ in zip(("y", "dx", "da", "db"), got,
+                                                                   want, strict=True)}  # fmt: skip
+                    tail_ok = True
+                    if tail:
+                        rest = np.asarray(got[0], np.float32)[T - tail :]
+                        ref_rest = np.asarray(base0, np.float32)[T - tail :] if with_base else 0
+                        tail_ok = bool((rest == ref_rest).all())
+                    finite = all(np.isfinite(np.asarray(v, np.float32)).all() for v in got)
+                    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-4
+                    ok = finite and tail_ok and max(errs.values()) < tol
+                    name = f"{cname}{'+base' if with_base else ''}"
+                    row = {"shape": [T, I, R, O, G], "dtype": jnp.dtype(dtype).name, "tail": tail,
+                           "config": name, "rel_err": errs, "ok": bool(ok)}  # fmt: skip
+                    rows.append(row)
+                    es = " ".join(f"{n} {e:.1e}" for n, e in errs.items())
+                    say(f"check T{T} I{I} R{R} O{O} G{G} {row['dtype']} {name}: {es} -> "
+                        f"{'ok' if ok else 'FAIL'}")  # fmt: skip
     return rows
 
 
@@ -237,7 +274,7 @@ def floors(T: int, D: int, R: int, G: int, bw: float) -> dict:
     return {"fwd_us": fwd / bw * 1e6, "fb_us": (fwd + bwd) / bw * 1e6}
 
 
-def table(bw: float, variants: dict, Gs=(1, 8, 64)) -> list[dict]:
+def table(bw: float, variants: dict, Gs=(1, 8, 64), alone: bool = True) -> list[dict]:
     T, D, R = (4096, 4096, 16) if not SMOKE else (64, 32, 16)
     rows = []
     base_f, base_fb = base_fns()
@@ -246,9 +283,10 @@ def table(bw: float, variants: dict, Gs=(1, 8, 64)) -> list[dict]:
         fl = floors(T, D, R, G, bw)
         for name, op in variants.items():
             try:
-                fns = {"base_f": base_f, "lora_f": fwd_fn(op, True), "alone_f": fwd_fn(op, False),
-                       "base_fb": base_fb, "lora_fb": fb_fn(op, True),
-                       "alone_fb": fb_fn(op, False)}  # fmt: skip
+                fns = {"base_f": base_f, "lora_f": fwd_fn(op, True), "base_fb": base_fb,
+                       "lora_fb": fb_fn(op, True)}  # fmt: skip
+                if alone and not isinstance(op, WithBase):
+                    fns |= {"alone_f": fwd_fn(op, False), "alone_fb": fb_fn(op, False)}
                 t = timed(fns, dict.fromkeys(fns, ops))
             except Exception as e:  # a variant that fails is reported, not fatal
                 say(f"G={G} {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
@@ -262,7 +300,8 @@ def table(bw: float, variants: dict, Gs=(1, 8, 64)) -> list[dict]:
                 "added_fwd_us": add_f * 1e6, "added_fb_us": add_fb * 1e6,
                 "added_fwd_pct": 100 * add_f / t["base_f"],
                 "added_fb_pct": 100 * add_fb / t["base_fb"],
-                "alone_fwd_us": t["alone_f"] * 1e6, "alone_fb_us": t["alone_fb"] * 1e6,
+                "alone_fwd_us": t.get("alone_f", float("nan")) * 1e6,
+                "alone_fb_us": t.get("alone_fb", float("nan")) * 1e6,
                 "floor_fwd_us": fl["fwd_us"], "floor_fb_us": fl["fb_us"],
             }  # fmt: skip
             rows.append(row)
@@ -428,7 +467,10 @@ def main() -> None:
     p.add_argument("--training", action="store_true", help="add scripts/bench_finetune.py rows")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
-    p.add_argument("--variants", default="gpu,gpu_unfused,xla,ragged_dot,gather_einsum")
+    p.add_argument("--variants", default="gpu,gpu_fused,gpu_base,gpu_fused_base,xla,ragged_dot,"
+                   "gather_einsum")  # fmt: skip
+    p.add_argument("--no-alone", action="store_true", help="skip timing LoRA without the base")
+    p.add_argument("--quick-check", action="store_true", help="correctness on the small shape")
     args = p.parse_args()
     SMOKE = args.smoke
     try:
@@ -452,7 +494,7 @@ def main() -> None:
     config = lg.DEFAULT_CONFIG
     steps = [("ceilings", ceilings)]
     if not args.no_check:
-        steps.append(("correctness", lambda: correctness(config)))
+        steps.append(("correctness", lambda: correctness(config, args.quick_check)))
     for name, fn in steps:
         try:
             result[name] = fn()
@@ -472,7 +514,9 @@ def main() -> None:
         save()
     all_variants = {
         "gpu": op_gpu(config),
-        "gpu_unfused": op_gpu(dataclasses.replace(config, fused_fwd=False)),
+        "gpu_fused": op_gpu(lg.FUSED_CONFIG),
+        "gpu_base": WithBase(config),
+        "gpu_fused_base": WithBase(lg.FUSED_CONFIG),
         "xla": op_xla,
         "ragged_dot": op_ragged_dot,
         "gather_einsum": op_gather_einsum,
@@ -485,7 +529,7 @@ def main() -> None:
     except Exception:
         result["fusion"] = traceback.format_exc()
         say(f"fusion report FAILED:\n{result['fusion']}")
-    result["table"] = table(bw, variants)
+    result["table"] = table(bw, variants, alone=not args.no_alone)
     save()
     if args.training:
         result["training"] = training_rows(args)

@@ -85,6 +85,7 @@ def validate_inputs(
     scale: jax.Array,
     rank: jax.Array | None = None,
     impl: str = "auto",
+    base: jax.Array | None = None,
 ) -> None:
     """Raise ValueError naming the argument, its value and what is allowed.
 
@@ -126,6 +127,13 @@ def validate_inputs(
         raise ValueError(
             f"rank (shape {tuple(rank.shape)}, {rank.dtype}) must be None or int32[G={G}]"
         )
+    if base is not None and (
+        tuple(base.shape) != (T, b.shape[2]) or jnp.dtype(base.dtype) != jnp.dtype(x.dtype)
+    ):
+        raise ValueError(
+            f"base (shape {tuple(base.shape)}, {base.dtype}) must be None or "
+            f"{jnp.dtype(x.dtype).name}[T={T}, O={b.shape[2]}] (x's dtype)"
+        )
     gs = _concrete(group_sizes)
     if gs is not None:
         if (gs < 0).any():
@@ -166,7 +174,9 @@ def group_meta(
     ends = jnp.minimum(jnp.cumsum(sizes), T).astype(jnp.int32)  # i32[G]
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
     t = jnp.arange(T, dtype=jnp.int32)
-    row_slot = jnp.searchsorted(ends, t, side="right").astype(jnp.int32)  # i32[T]
+    # A compare-and-count, one fusion: jnp.searchsorted's default is a loop, which on GPU costs
+    # a kernel launch (and host round trip) per step, measured at tens of microseconds.
+    row_slot = jnp.sum(ends[None, :] <= t[:, None], axis=1, dtype=jnp.int32)  # i32[T]
     G = sizes.shape[0]
     rk = jnp.full((G,), R, jnp.int32) if rank is None else jnp.clip(rank.astype(jnp.int32), 0, R)
     return GroupMeta(starts, ends, row_slot, rk, jnp.asarray(scale, _F32))
@@ -184,13 +194,14 @@ def ref_lora_delta(
     *,
     rank: jax.Array | None = None,  # i32[G]
     impl: str = "reference",
+    base: jax.Array | None = None,  # [T, O]
 ) -> jax.Array:  # [T, O] in x.dtype
     """The oracle: for each slot, mask its rows and its rank, multiply in float32, sum.
 
     Plain jnp with jax's own autodiff (no custom VJP), so jax.grad of it checks the operator's
     backward. O(G·T·I·R): for tests, not for speed.
     """
-    validate_inputs(x, a, b, group_sizes, scale, rank, impl)
+    validate_inputs(x, a, b, group_sizes, scale, rank, impl, base)
     T = x.shape[0]
     G, _, R = a.shape
     m = group_meta(group_sizes, scale, rank, T, R)
@@ -203,13 +214,15 @@ def ref_lora_delta(
         b_g = jnp.where(keep[:, None], b[g].astype(_F32), 0.0)  # f32[R, O]
         d = jnp.dot(jnp.dot(xf, a_g, precision=_PREC), b_g, precision=_PREC)
         out = out + jnp.where((m.row_slot == g)[:, None], m.scale[g] * d, 0.0)
+    if base is not None:
+        out = out + base.astype(_F32)
     return out.astype(x.dtype)
 
 
 # ------------------------------------------------------------------------------------- backends
 #
 # A backend is a hashable object with two methods (the custom VJP below holds the rest):
-#   fwd(x, a, b, m) -> (delta [T, O] in x.dtype, s_live f32[T, R])
+#   fwd(x, a, b, m, base) -> (delta or base + delta [T, O] in x.dtype, s_live f32[T, R])
 #       s_live[t] = x[t] @ a[slot(t)], zero where r >= rank or past the groups (unscaled).
 #   bwd(x, a, b, m, s_live, dy) -> (dx [T, I] in x.dtype, da [G, I, R] in a.dtype,
 #       db [G, R, O] in b.dtype, u_live f32[T, R])
@@ -272,12 +285,13 @@ def _xla_tgmm(lhs: jax.Array, rhs: jax.Array, m: GroupMeta, G: int) -> jax.Array
 class XlaBackend(NamedTuple):
     """Masked dense einsums over all slots (CPU path and GPU fallback)."""
 
-    def fwd(self, x, a, b, m):
+    def fwd(self, x, a, b, m, base=None):
         R = a.shape[2]
         a, b = _rank_masked(a, b, m)
         s = jnp.where(live_mask(m, R), _xla_gmm(x, a, m, False), 0.0)  # f32[T, R]
         sp = (s * row_scale(m)[:, None]).astype(b.dtype)
-        return _xla_gmm(sp, b, m, False).astype(x.dtype), s
+        d = _xla_gmm(sp, b, m, False)  # f32[T, O]
+        return (d if base is None else d + base.astype(_F32)).astype(x.dtype), s
 
     def bwd(self, x, a, b, m, s, dy):
         G, _, R = a.shape
@@ -325,12 +339,13 @@ class TpuBackend(NamedTuple):
         tiling = _megablox_tiling(lhs.shape[0], lhs.shape[1], rhs.shape[1])
         return gmm.tgmm(lhs.T, rhs, sizes, out_dtype, tiling, interpret=self.interpret)
 
-    def fwd(self, x, a, b, m):
+    def fwd(self, x, a, b, m, base=None):
         R = a.shape[2]
         a, b = _rank_masked(a, b, m)
         s = jnp.where(live_mask(m, R), self._gmm(x, a, m, False, _F32), 0.0)
         sp = (s * row_scale(m)[:, None]).astype(b.dtype)
-        return self._gmm(sp, b, m, False, x.dtype), s
+        d = self._gmm(sp, b, m, False, _F32)
+        return (d if base is None else d + base.astype(_F32)).astype(x.dtype), s
 
     def bwd(self, x, a, b, m, s, dy):
         R = a.shape[2]
@@ -348,25 +363,26 @@ class TpuBackend(NamedTuple):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lora(backend, x, a, b, group_sizes, scale, rank):
-    return _lora_fwd(backend, x, a, b, group_sizes, scale, rank)[0]
+def _lora(backend, x, a, b, group_sizes, scale, rank, base):
+    return _lora_fwd(backend, x, a, b, group_sizes, scale, rank, base)[0]
 
 
-def _lora_fwd(backend, x, a, b, group_sizes, scale, rank):
+def _lora_fwd(backend, x, a, b, group_sizes, scale, rank, base):
     m = group_meta(group_sizes, scale, rank, x.shape[0], a.shape[2])
-    delta, s = backend.fwd(x, a, b, m)
-    return delta, (x, a, b, group_sizes, scale, rank, s)
+    out, s = backend.fwd(x, a, b, m, base)
+    return out, (x, a, b, group_sizes, scale, rank, s, base is not None)
 
 
 def _lora_bwd(backend, res, dy):
-    x, a, b, group_sizes, scale, rank, s = res
+    x, a, b, group_sizes, scale, rank, s, has_base = res
     G = a.shape[0]
     m = group_meta(group_sizes, scale, rank, x.shape[0], a.shape[2])
     dx, da, db, u = backend.bwd(x, a, b, m, s, dy)
     # d scale_g = sum over the slot's rows and live ranks of s · u (both already masked).
     dscale = jax.ops.segment_sum(jnp.sum(s * u, axis=1), m.row_slot, num_segments=G + 1)[:G]
     float0 = lambda v: None if v is None else np.zeros(v.shape, jax.dtypes.float0)
-    return dx, da, db, float0(group_sizes), dscale.astype(scale.dtype), float0(rank)
+    dbase = dy if has_base else None
+    return dx, da, db, float0(group_sizes), dscale.astype(scale.dtype), float0(rank), dbase
 
 
 _lora.defvjp(_lora_fwd, _lora_bwd)
@@ -381,13 +397,14 @@ def lora_delta_with(
     scale: jax.Array,  # f32[G]
     *,
     rank: jax.Array | None = None,  # i32[G]
+    base: jax.Array | None = None,  # [T, O] in x.dtype
 ) -> jax.Array:  # [T, O] in x.dtype
     """The operator through an explicit backend (see above); inputs already validated."""
     scale = jnp.asarray(scale)
     if not jnp.issubdtype(scale.dtype, jnp.floating):
         scale = scale.astype(_F32)
     rank = None if rank is None else rank.astype(jnp.int32)
-    return _lora(backend, x, a, b, group_sizes.astype(jnp.int32), scale, rank)
+    return _lora(backend, x, a, b, group_sizes.astype(jnp.int32), scale, rank, base)
 
 
 # ---------------------------------------------------------------------------------- public API
@@ -431,17 +448,22 @@ def lora_delta(
     *,
     rank: jax.Array | None = None,  # i32[G]
     impl: Impl = "auto",
+    base: jax.Array | None = None,  # [T, O] in x.dtype
 ) -> jax.Array:  # [T, O] in x.dtype
     """delta[t] = scale[g] · (x[t] @ a[g][:, :rank[g]]) @ b[g][:rank[g]] for rows sorted by slot.
 
     Rows offsets[g] .. offsets[g]+group_sizes[g]-1 use slot g; rows past sum(group_sizes) get 0.
-    Differentiable in x, a, b and scale (custom VJP).
+    Differentiable in x, a, b, scale and base (custom VJP).
+
+    base: optional [T, O] (the base projection x @ W); returns base + delta. On GPU the kernel
+    adds in place (base's buffer is reused when XLA can donate it), which saves the separate
+    add pass `x @ W + delta` costs there (XLA does not fold the delta into the GEMM).
     """
-    validate_inputs(x, a, b, group_sizes, scale, rank, impl)
+    validate_inputs(x, a, b, group_sizes, scale, rank, impl, base)
     path = resolve_impl(impl, x, a, b)
     if path == "reference":
-        return ref_lora_delta(x, a, b, group_sizes, scale, rank=rank)
-    return lora_delta_with(_backend(path), x, a, b, group_sizes, scale, rank=rank)
+        return ref_lora_delta(x, a, b, group_sizes, scale, rank=rank, base=base)
+    return lora_delta_with(_backend(path), x, a, b, group_sizes, scale, rank=rank, base=base)
 
 
 def lora_delta_by_slot(

@@ -37,6 +37,7 @@ from rtpjax.kernels import lora
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "FUSED_CONFIG",
     "GpuBackend",
     "KernelConfig",
     "LoraGpuConfig",
@@ -93,15 +94,20 @@ class KernelConfig:
 @dataclasses.dataclass(frozen=True)
 class LoraGpuConfig:
     """Per-kernel shapes: fwd (fused forward, or the shrink when fused_fwd is False), expand (the
-    unfused forward's second launch and dx), shrink_t (u = dy · B^T), tgmm (grads of A and B)."""
+    unfused forward's second launch and dx), shrink_t (u = dy · B^T), tgmm (grads of A and B).
+    The defaults are the fastest of the H100 sweep in docs/kernels/lora.md."""
 
-    fwd: KernelConfig = KernelConfig(block_t=32, block_k=64, block_n=128)
-    expand: KernelConfig = KernelConfig(block_t=64, block_k=16, block_n=128)
-    shrink_t: KernelConfig = KernelConfig(block_t=32, block_k=64)
+    fwd: KernelConfig = KernelConfig(block_t=32, block_k=128)
+    expand: KernelConfig = KernelConfig(block_t=32, block_k=16, block_n=128)
+    shrink_t: KernelConfig = KernelConfig(block_t=32, block_k=128)
     tgmm: KernelConfig = KernelConfig(block_t=64, block_k=64, block_n=64)
-    fused_fwd: bool = True
+    fused_fwd: bool = False
 
 
+# The fused forward's best shape in the same sweep (x read once, but fewer programs in flight).
+FUSED_CONFIG = LoraGpuConfig(
+    fwd=KernelConfig(block_t=32, block_k=128, block_n=256, num_warps=8), fused_fwd=True
+)
 DEFAULT_CONFIG = LoraGpuConfig()
 
 
@@ -122,7 +128,7 @@ def visit_map(m: lora.GroupMeta, T: int, block_t: int) -> tuple[jax.Array, jax.A
     cum = jnp.cumsum(n_tiles)
     NV = _cdiv(T, block_t) + G
     v = jnp.arange(NV, dtype=jnp.int32)
-    vslot = jnp.searchsorted(cum, v, side="right").astype(jnp.int32)  # i32[NV] in [0, G+1]
+    vslot = jnp.sum(cum[None, :] <= v[:, None], axis=1, dtype=jnp.int32)  # i32[NV] in [0, G+1]
     sl = jnp.minimum(vslot, G)
     vtile = first[sl] + v - (cum[sl] - n_tiles[sl])
     return vslot, vtile.astype(jnp.int32), jnp.stack([starts, ends]).astype(jnp.int32)
@@ -206,12 +212,17 @@ def _fwd_kernel(
     x_ref,  # [T, I]
     a_ref,  # [G*I, R]
     b_ref,  # [G*R, O]
-    s_ref,  # f32[T, R]: s masked to the slot's rank (unscaled)
-    d_ref,  # [T, O], or None (shrink only)
-    *,
+    *rest,  # [base [T, O] (aliased to d)], s f32[T, R] (s masked to the rank, unscaled),
+    # [d [T, O]] (fused only)
     G: int,
     cfg: KernelConfig,
+    fused: bool,
+    has_base: bool,
 ):
+    if has_base:
+        base_ref, s_ref, d_ref = rest
+    else:
+        base_ref, s_ref, d_ref = None, rest[0], (rest[1] if fused else None)
     T, I = x_ref.shape
     R = a_ref.shape[1]
     BT, BK, BN, RP = cfg.block_t, cfg.block_k, cfg.block_n, _pow2(R)
@@ -224,14 +235,18 @@ def _fwd_kernel(
 
         def body(j, carry):
             cols = _span(j * BN, BN, O)
+            mask = _mask(rows.ok, cols.ok)
             if sp is None:
                 d = jnp.zeros((BT, BN), d_ref.dtype)
             else:
                 # B's rows past the slot's rank are never read (they may hold anything).
                 r_live = _span(0, RP, R, limit=rank_ref[g])
                 bt = _load(b_ref, g * R + r_live.load, cols.load, _mask(r_live.ok, cols.ok))
-                d = _dot(sp, bt).astype(d_ref.dtype)  # [BT, BN]
-            _store(d_ref, rows.store, cols.store, d, _mask(rows.ok, cols.ok))
+                d = _dot(sp, bt)  # f32[BT, BN]
+                if base_ref is not None:
+                    d += _load(base_ref, rows.load, cols.load, mask).astype(jnp.float32)
+                d = d.astype(d_ref.dtype)
+            _store(d_ref, rows.store, cols.store, d, mask)
             return carry
 
         lax.fori_loop(0, _cdiv(O, BN), body, 0)
@@ -239,7 +254,7 @@ def _fwd_kernel(
     @pl.when(g == G)
     def _tail():
         _store(s_ref, rows.store, r.store, jnp.zeros((BT, RP), jnp.float32), s_mask)
-        if d_ref is not None:
+        if d_ref is not None and base_ref is None:  # with a base, its rows already hold it
             store_d(None)
 
     @pl.when(g < G)
@@ -257,28 +272,29 @@ def _fwd_kernel(
             store_d((s * scale_ref[g]).astype(b_ref.dtype))
 
 
-def _shrink_kernel(*refs, G: int, cfg: KernelConfig):
-    _fwd_kernel(*refs, None, G=G, cfg=cfg)
-
-
-def _fwd(x, a, b, m, vm, cfg: KernelConfig, fused: bool, interpret: bool):
-    """(s f32[T, R], delta [T, O] or None when not fused)."""
+def _fwd(x, a, b, m, vm, cfg: KernelConfig, fused: bool, interpret: bool, base=None):
+    """(s f32[T, R], delta (or base + delta) [T, O], or None when not fused)."""
     T, I = x.shape
     G, _, R = a.shape
     O = b.shape[2]
     vslot, vtile, bounds = vm
+    has_base = fused and base is not None
     out_shape = [jax.ShapeDtypeStruct((T, R), jnp.float32)]
     if fused:
         out_shape.append(jax.ShapeDtypeStruct((T, O), x.dtype))
+    args = [vslot, vtile, bounds.reshape(-1), m.scale, m.rank, x, a.reshape(G * I, R),
+            b.reshape(G * R, O)]  # fmt: skip
+    if has_base:
+        args.append(base)
     res = pl.pallas_call(
-        functools.partial(_fwd_kernel if fused else _shrink_kernel, G=G, cfg=cfg),
+        functools.partial(_fwd_kernel, G=G, cfg=cfg, fused=fused, has_base=has_base),
         out_shape=tuple(out_shape),
         grid=(vslot.shape[0],),
+        input_output_aliases={len(args) - 1: 1} if has_base else {},
         compiler_params=cfg.params(),
         interpret=interpret,
         name=f"lora_{'fwd' if fused else 'shrink'}_t{cfg.block_t}_k{cfg.block_k}_n{cfg.block_n}",
-    )(vslot, vtile, bounds.reshape(-1), m.scale, m.rank, x, a.reshape(G * I, R),
-      b.reshape(G * R, O))  # fmt: skip
+    )(*args)
     return (res[0], res[1]) if fused else (res[0], None)
 
 
@@ -292,13 +308,13 @@ def _gmm_kernel(
     rank_ref,  # i32[G]
     lhs_ref,  # [T, K]
     w_ref,  # [G*K, N], or [G*N, K] when trans
-    out_ref,  # [T, N]
-    *,
+    *rest,  # [base [T, N] (aliased to out)], out [T, N]
     G: int,
     trans: bool,
     k_is_rank: bool,
     cfg: KernelConfig,
 ):
+    base_ref, out_ref = rest if len(rest) == 2 else (None, rest[0])
     T, K = lhs_ref.shape
     N = out_ref.shape[1]
     BT, BK, BN = cfg.block_t, cfg.block_k, cfg.block_n
@@ -306,9 +322,11 @@ def _gmm_kernel(
     cols = _span(pl.program_id(1) * BN, BN, N)
     out_mask = _mask(rows.ok, cols.ok)
 
-    @pl.when(g == G)
-    def _tail():
-        _store(out_ref, rows.store, cols.store, jnp.zeros((BT, BN), out_ref.dtype), out_mask)
+    if base_ref is None:  # with a base, the tail's rows already hold it
+
+        @pl.when(g == G)
+        def _tail():
+            _store(out_ref, rows.store, cols.store, jnp.zeros((BT, BN), out_ref.dtype), out_mask)
 
     @pl.when(g < G)
     def _live():
@@ -324,6 +342,8 @@ def _gmm_kernel(
             return acc + _dot(lt, wt.astype(lt.dtype))
 
         acc = lax.fori_loop(0, _cdiv(K, BK), body, jnp.zeros((BT, BN), jnp.float32))
+        if base_ref is not None:
+            acc += _load(base_ref, rows.load, cols.load, out_mask).astype(jnp.float32)
         _store(out_ref, rows.store, cols.store, acc.astype(out_ref.dtype), out_mask)
 
 
@@ -337,10 +357,11 @@ def gmm(
     cfg: KernelConfig,
     k_is_rank: bool = False,
     vm: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    base: jax.Array | None = None,
     interpret: bool = False,
-) -> jax.Array:  # [T, N] in out_dtype; rows past the groups 0
-    """Row t of lhs times its slot's matrix. k_is_rank: K is the rank axis, read only up to each
-    slot's rank."""
+) -> jax.Array:  # [T, N] in out_dtype; rows past the groups 0 (or base's)
+    """Row t of lhs times its slot's matrix (plus base[t], added in place, when given).
+    k_is_rank: K is the rank axis, read only up to each slot's rank."""
     T, K = lhs.shape
     G = w.shape[0]
     N = w.shape[1] if trans else w.shape[2]
@@ -349,14 +370,18 @@ def gmm(
     bn = min(cfg.block_n, _pow2(N))
     cfg = dataclasses.replace(cfg, block_k=bk, block_n=bn)
     vslot, vtile, bounds = vm if vm is not None else visit_map(m, T, cfg.block_t)
+    args = [vslot, vtile, bounds.reshape(-1), m.rank, lhs, w.reshape(G * w.shape[1], w.shape[2])]
+    if base is not None:
+        args.append(base.astype(out_dtype))
     return pl.pallas_call(
         functools.partial(_gmm_kernel, G=G, trans=trans, k_is_rank=k_is_rank, cfg=cfg),
         out_shape=jax.ShapeDtypeStruct((T, N), out_dtype),
         grid=(vslot.shape[0], _cdiv(N, bn)),
+        input_output_aliases={len(args) - 1: 0} if base is not None else {},
         compiler_params=cfg.params(),
         interpret=interpret,
         name=f"lora_gmm{'_t' if trans else ''}_t{cfg.block_t}_k{bk}_n{bn}",
-    )(vslot, vtile, bounds.reshape(-1), m.rank, lhs, w.reshape(G * w.shape[1], w.shape[2]))
+    )(*args)
 
 
 def _tgmm_kernel(
@@ -439,16 +464,16 @@ class GpuBackend:
     config: LoraGpuConfig = DEFAULT_CONFIG
     interpret: bool = False
 
-    def fwd(self, x, a, b, m):
+    def fwd(self, x, a, b, m, base=None):
         cfg = self.config
         T = x.shape[0]
         vm = visit_map(m, T, cfg.fwd.block_t)
-        s, delta = _fwd(x, a, b, m, vm, cfg.fwd, cfg.fused_fwd, self.interpret)
+        s, delta = _fwd(x, a, b, m, vm, cfg.fwd, cfg.fused_fwd, self.interpret, base)
         if delta is None:
             sp = (s * lora.row_scale(m)[:, None]).astype(b.dtype)  # [T, R]
             vm_e = vm if cfg.expand.block_t == cfg.fwd.block_t else None
             delta = gmm(sp, b, m, False, x.dtype, cfg=cfg.expand, k_is_rank=True, vm=vm_e,
-                        interpret=self.interpret)  # fmt: skip
+                        base=base, interpret=self.interpret)  # fmt: skip
         return delta, s
 
     def bwd(self, x, a, b, m, s, dy):
@@ -474,10 +499,11 @@ def gpu_lora_delta(
     scale: jax.Array,  # f32[G]
     *,
     rank: jax.Array | None = None,  # i32[G]
+    base: jax.Array | None = None,  # [T, O] in x.dtype
     config: LoraGpuConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [T, O] in x.dtype
     """lora.lora_delta through these kernels with an explicit config (benchmarks, tuning)."""
-    lora.validate_inputs(x, a, b, group_sizes, scale, rank, "gpu")
+    lora.validate_inputs(x, a, b, group_sizes, scale, rank, "gpu", base)
     backend = GpuBackend(config or DEFAULT_CONFIG, interpret)
-    return lora.lora_delta_with(backend, x, a, b, group_sizes, scale, rank=rank)
+    return lora.lora_delta_with(backend, x, a, b, group_sizes, scale, rank=rank, base=base)

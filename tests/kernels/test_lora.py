@@ -183,6 +183,31 @@ def test_gradients_bf16_gpu():
         assert _rel(g_, w_) < 3e-2
 
 
+@pytest.mark.parametrize("path", ["xla", "gpu_small", "gpu_unfused"])
+def test_base_is_added_and_differentiated(path):
+    """base= returns base + delta (rows past the groups: base itself) and passes dy to base."""
+    x, a, b, gs, sc, rank = _case(21, 40, 24, 8, 20, 3, tail=6)
+    base = jax.random.normal(jax.random.key(1), (40, 20))
+    config = {"gpu_small": SMALL, "gpu_unfused": SMALL_UNFUSED}.get(path)
+
+    def f(x, a, b, base):
+        if config is None:
+            return lora.lora_delta(x, a, b, gs, sc, rank=rank, impl=path, base=base)
+        return lora_gpu.gpu_lora_delta(x, a, b, gs, sc, rank=rank, base=base, config=config,
+                                       interpret=True)  # fmt: skip
+
+    got = jax.jit(f)(x, a, b, base)
+    want = REF(x, a, b, gs, sc, rank) + base
+    assert _rel(got, want) < TOL[jnp.float32]
+    np.testing.assert_array_equal(np.asarray(got)[34:], np.asarray(base)[34:])
+    w = jax.random.normal(jax.random.key(2), (40, 20))
+    loss = lambda x, a, b, base: jnp.sum(w * f(x, a, b, base) ** 2)
+    g_base = jax.jit(jax.grad(loss, argnums=3))(x, a, b, base)
+    np.testing.assert_allclose(np.asarray(g_base), np.asarray(2 * w * want), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="base"):
+        lora.lora_delta(x, a, b, gs, sc, base=base[:, :3])
+
+
 def test_finite_difference_spot_check():
     """Central differences of a quadratic loss are exact up to rounding: compare a few
     directional derivatives with the custom VJP (xla path, float32)."""
