@@ -65,9 +65,9 @@ IO_MODES = ("auto", "buffered", "direct")
 class LoadOptions:
     """How the fast loader reads. Host memory it holds: ring_slots × (block_bytes + 8 KiB)."""
 
-    readers: int = 8  # parallel reader threads
+    readers: int = min(12, os.cpu_count() or 1)  # parallel reader threads
     block_bytes: int = 64 << 20  # bytes per read (and per ring slot)
-    ring_slots: int = 0  # host buffers in the ring; 0 means 2 × readers
+    ring_slots: int = 0  # host buffers in the ring; 0 means readers + 4
     io: str = "auto"  # auto: O_DIRECT when under half of the files is in the page cache
     pin: bool = True  # register the ring for DMA where the backend can (GPU)
 
@@ -79,13 +79,13 @@ class LoadOptions:
                 f"block_bytes={self.block_bytes} must be a positive multiple of {_ALIGN}"
             )
         if self.ring_slots < 0:
-            raise ValueError(f"ring_slots={self.ring_slots} must be >= 0 (0: 2 x readers)")
+            raise ValueError(f"ring_slots={self.ring_slots} must be >= 0 (0: readers + 4)")
         if self.io not in IO_MODES:
             raise ValueError(f"io={self.io!r} is not supported; allowed: {', '.join(IO_MODES)}")
 
     @property
     def slots(self) -> int:
-        return self.ring_slots or 2 * self.readers
+        return self.ring_slots or self.readers + 4
 
 
 @dataclasses.dataclass
@@ -955,6 +955,11 @@ def _prepare(source: TensorSource, cfg: ModelConfig, dtype: Any, mesh: Mesh) -> 
     return plan_recipes
 
 
+def _touch(devices: Sequence[Any]) -> None:
+    with contextlib.suppress(Exception):  # only a head start: the load itself reports errors
+        jax.block_until_ready([jax.device_put(np.zeros(1, np.uint8), d) for d in devices])
+
+
 def load_params_fast(
     source: TensorSource,
     cfg: ModelConfig,
@@ -968,8 +973,12 @@ def load_params_fast(
     `loader.load_params`. Reads only what this process's devices hold."""
     mesh = mesh or make_mesh(1, 1)
     options = options or LoadOptions()
-    plan_recipes = _prepare(source, cfg, dtype, mesh)
     devices = _local_devices(mesh)
+    # A process's first transfer to a device also sets up its memory allocator (about a second on
+    # an H100 with jax's default preallocation): start it now, behind the planning and first reads.
+    warmup = threading.Thread(target=_touch, args=(devices,), name="rtpjax-warmup", daemon=True)
+    warmup.start()
+    plan_recipes = _prepare(source, cfg, dtype, mesh)
     plan = make_plan(source, plan_recipes, devices, options.block_bytes)
     client = devices[0].client if devices and devices[0].platform != "cpu" else None
     weights, stats = run_plan(source, plan, DevicePlacer(), options, client, progress)
