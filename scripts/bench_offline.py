@@ -1,4 +1,4 @@
-"""Offline engine benchmark: throughput, host overhead, GPU idle time, batch-1 latency, prefill rate.
+"""Offline engine benchmark: throughput, host overhead, GPU idle time, decode latency, prefill rate.
 
     python scripts/bench_offline.py                         # CPU-sized, the embedded default model
     python scripts/bench_offline.py --model random:llama3-8b --num-requests 512 --input-len 1024 \
@@ -8,9 +8,9 @@ Phases (each printed as a table row and written to JSON):
   throughput   N requests, random input tokens, ignore_eos, temperature 1 (as vLLM's benchmark)
   host         host milliseconds per steady-decode step at the largest batch (schedule + prepare
                + launch + update; the time blocked on the device is excluded)
-  idle         fraction of steady-decode wall time the device sits idle: 1 − t_device / t_wall, where
-               t_device is the same decode step replayed back to back with no host work between
-  decode_bN    steady decode at batch N: ms per step and output tokens/s, beside the weight-streaming
+  idle         fraction of steady-decode wall time the device sits idle: 1 − t_device / t_wall,
+               where t_device is the same decode step replayed back to back with no host work
+  decode_bN    steady decode at batch N: ms per step and output tokens/s, beside the streaming
                floor (weights + live KV bytes / HBM bandwidth)
   prefill      one prompt of --prefill-len tokens: time and model TFLOP/s (2 x non-embedding
                parameters x tokens + attention) beside the GEMM rate of this device
@@ -31,16 +31,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from rtpjax import LLM, SamplingParams  # noqa: E402
-from rtpjax.models import llama  # noqa: E402
-from rtpjax.models.params import num_bytes  # noqa: E402
-from rtpjax.models.presets import preset, random_params  # noqa: E402
-from rtpjax.sharding.mesh import make_mesh  # noqa: E402
-from rtpjax.weights.checkpoint import LoadedModel  # noqa: E402
-from rtpjax.weights.loader import resolve_dtype  # noqa: E402
+from rtpjax import LLM, SamplingParams
+from rtpjax.models import llama
+from rtpjax.models.params import num_bytes
+from rtpjax.models.presets import preset, random_params
+from rtpjax.sharding.mesh import make_mesh
+from rtpjax.weights.checkpoint import LoadedModel
+from rtpjax.weights.loader import resolve_dtype
 
 
 def build(args) -> LLM:
@@ -53,26 +53,39 @@ def build(args) -> LLM:
         loaded = LoadedModel(name, args.model, cfg, params, None, mesh, dtype)
     else:
         loaded = args.model  # None → default model
-    return LLM(loaded, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
-               tensor_parallel_size=args.tensor_parallel_size, enable_prefix_caching=False,
-               kv_cache_memory_fraction=args.kv_cache_memory_fraction, progress=False)
+    return LLM(
+        loaded,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        dtype=args.dtype,
+        tensor_parallel_size=args.tensor_parallel_size,
+        enable_prefix_caching=False,
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+        progress=False,
+    )
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
-    return [{"prompt_token_ids": [int(t) for t in rng.integers(10, vocab - 10, length)]}
-            for _ in range(n)]
+    return [
+        {"prompt_token_ids": [int(t) for t in rng.integers(10, vocab - 10, length)]}
+        for _ in range(n)
+    ]
 
 
 def params_for(output_len: int, temperature: float = 1.0) -> SamplingParams:
-    return SamplingParams(temperature=temperature, max_tokens=output_len, ignore_eos=True,
-                          detokenize=False)
+    return SamplingParams(
+        temperature=temperature, max_tokens=output_len, ignore_eos=True, detokenize=False
+    )
 
 
 def run_batch(llm: LLM, prompts, sp) -> tuple[float, list]:
     t0 = time.perf_counter()
     outs = llm.generate(prompts, sp)
+    errors = [o.error for o in outs if o.error]
+    if errors:
+        raise SystemExit(f"bench_offline: {len(errors)} requests failed, e.g.: {errors[0]}")
     return time.perf_counter() - t0, outs
 
 
@@ -122,8 +135,13 @@ def steady_decode(llm: LLM, batch: int, context: int, steps: int) -> dict:
     dts = np.diff(times)[2:-2] if len(times) > 8 else np.diff(times)
     host = engine.stats.host_ms(min_batch=batch)
     ms = float(np.median(dts) * 1e3) if len(dts) else float("nan")
-    return {"batch": batch, "context": context, "ms_per_step": ms,
-            "tokens_per_s": batch / ms * 1e3, "host_ms": host}
+    return {
+        "batch": batch,
+        "context": context,
+        "ms_per_step": ms,
+        "tokens_per_s": batch / ms * 1e3,
+        "host_ms": host,
+    }
 
 
 def model_flops(cfg, tokens: int) -> float:
@@ -158,22 +176,31 @@ def copy_bandwidth() -> float:
 
 
 def env_info() -> dict:
-    commit = os.environ.get("RTPJAX_COMMIT")  # the device machine has no .git
+    # The device machine has no .git: the caller passes the commit.
+    commit = os.environ.get("RTPJAX_COMMIT")
     if not commit:
         try:
-            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                             cwd=os.path.dirname(__file__)).strip()
+            commit = subprocess.check_output(
+                ["git", "rev-parse", "--short", "HEAD"], text=True, cwd=os.path.dirname(__file__)
+            ).strip()
         except Exception:
             commit = "unknown"
     dev = jax.devices()[0]
-    return {"device": getattr(dev, "device_kind", dev.platform), "backend": jax.default_backend(),
-            "jax": jax.__version__, "python": platform.python_version(), "commit": commit,
-            "date": datetime.date.today().isoformat()}
+    return {
+        "device": getattr(dev, "device_kind", dev.platform),
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "commit": commit,
+        "date": datetime.date.today().isoformat(),
+    }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="rtpjax offline engine benchmark")
-    ap.add_argument("--model", default=None, help="path, or random:<preset> (e.g. random:llama3-8b)")
+    ap.add_argument(
+        "--model", default=None, help="path, or random:<preset> (e.g. random:llama3-8b)"
+    )
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=32)
@@ -200,14 +227,15 @@ def main(argv=None) -> int:
     info["weights_gb"] = num_bytes(llama.spec(cfg, llm.model.dtype)) / 1e9
     info["load_s"] = time.perf_counter() - t0
     results: dict = {"env": info, "args": vars(args)}
-    rows = []
+    rows = _Rows(args.json, results)
     is_gpu = jax.default_backend() == "gpu"
     bw = copy_bandwidth() if is_gpu else None
     results["copy_bandwidth_Bps"] = bw
 
     # Warm-up: compile the decode and prefill buckets this run will use.
-    warm = random_prompts(min(args.max_num_seqs, args.num_requests), args.input_len,
-                          cfg.vocab_size, 1)
+    warm = random_prompts(
+        min(args.max_num_seqs, args.num_requests), args.input_len, cfg.vocab_size, 1
+    )
     t0 = time.perf_counter()
     run_batch(llm, warm, params_for(4))
     results["warmup_s"] = time.perf_counter() - t0
@@ -217,20 +245,35 @@ def main(argv=None) -> int:
         wall, outs = run_batch(llm, prompts, params_for(args.output_len))
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         host = llm.engine.stats.host_ms(min_batch=max(1, int(0.8 * args.max_num_seqs)))
-        results["throughput"] = {"wall_s": wall, "output_tokens": out_tokens,
-                                 "output_tok_s": out_tokens / wall,
-                                 "total_tok_s": (out_tokens + args.num_requests * args.input_len)
-                                 / wall, "host_ms_steady_decode": host}
-        rows.append(("throughput", f"{out_tokens / wall:,.0f} out tok/s",
-                     f"{wall:.1f} s for {args.num_requests} req x {args.input_len}+"
-                     f"{args.output_len}"))
+        results["throughput"] = {
+            "wall_s": wall,
+            "output_tokens": out_tokens,
+            "output_tok_s": out_tokens / wall,
+            "total_tok_s": (out_tokens + args.num_requests * args.input_len) / wall,
+            "host_ms_steady_decode": host,
+        }
+        rows.append(
+            (
+                "throughput",
+                f"{out_tokens / wall:,.0f} out tok/s",
+                f"{wall:.1f} s for {args.num_requests} req x {args.input_len}+{args.output_len}",
+            )
+        )
         if host:
-            rows.append(("host/step", f"p50 {host['p50']:.3f} ms  p99 {host['p99']:.3f} ms",
-                         f"at batch >= {int(0.8 * args.max_num_seqs)} (goal <= 1 ms)"))
+            rows.append(
+                (
+                    "host/step",
+                    f"p50 {host['p50']:.3f} ms  p99 {host['p99']:.3f} ms",
+                    f"at batch >= {int(0.8 * args.max_num_seqs)} (goal <= 1 ms): schedule "
+                    f"{host['schedule_p50']:.2f}, prepare {host['prepare_p50']:.2f}, launch "
+                    f"{host['launch_p50']:.2f}, post {host['post_p50']:.2f} ms",
+                )
+            )
 
     weights = num_bytes(llama.spec(cfg, llm.model.dtype))
-    kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(
-        llm.model.dtype).itemsize
+    kv_token = (
+        2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(llm.model.dtype).itemsize
+    )
     if "decode" in phases:
         results["decode"] = []
         for b in [int(x) for x in args.decode_batches.split(",")]:
@@ -239,20 +282,39 @@ def main(argv=None) -> int:
                 ctx = args.decode_context + args.decode_steps / 2
                 r["floor_ms"] = (weights + b * ctx * kv_token) / bw * 1e3
             results["decode"].append(r)
-            floor = f"floor {r['floor_ms']:.2f} ms ({r['floor_ms'] / r['ms_per_step']:.0%})" \
-                if "floor_ms" in r else ""
-            rows.append((f"decode b={b}", f"{r['ms_per_step']:.2f} ms/step, "
-                         f"{r['tokens_per_s']:,.0f} tok/s", floor))
+            floor = (
+                f"floor {r['floor_ms']:.2f} ms ({r['floor_ms'] / r['ms_per_step']:.0%})"
+                if "floor_ms" in r
+                else ""
+            )
+            rows.append(
+                (
+                    f"decode b={b}",
+                    f"{r['ms_per_step']:.2f} ms/step, {r['tokens_per_s']:,.0f} tok/s",
+                    floor,
+                )
+            )
 
     if "idle" in phases:
         b = max(int(x) for x in args.decode_batches.split(","))
         dev = device_step_time(llm, b, args.decode_context, 20)
         r = steady_decode(llm, b, args.decode_context, args.decode_steps)
         idle = max(0.0, 1 - dev * 1e3 / r["ms_per_step"])
-        results["idle"] = {"batch": b, "device_ms": dev * 1e3, "wall_ms": r["ms_per_step"],
-                           "idle_fraction": idle, "host_ms": r["host_ms"]}
-        rows.append(("gpu idle", f"{idle:.1%}", f"batch {b}: device {dev * 1e3:.2f} ms vs wall "
-                     f"{r['ms_per_step']:.2f} ms per step (goal <= 5%)"))
+        results["idle"] = {
+            "batch": b,
+            "device_ms": dev * 1e3,
+            "wall_ms": r["ms_per_step"],
+            "idle_fraction": idle,
+            "host_ms": r["host_ms"],
+        }
+        rows.append(
+            (
+                "gpu idle",
+                f"{idle:.1%}",
+                f"batch {b}: device {dev * 1e3:.2f} ms vs wall "
+                f"{r['ms_per_step']:.2f} ms per step (goal <= 5%)",
+            )
+        )
 
     if "prefill" in phases:
         n = args.prefill_len
@@ -270,26 +332,50 @@ def main(argv=None) -> int:
         flops = model_flops(cfg, n)
         r = {"tokens": n, "s": t, "tflops": flops / t / 1e12}
         if is_gpu:
-            r["xla_gemm_tflops"] = gemm_rate(n, cfg.hidden_size, cfg.intermediate_size,
-                                             llm.model.dtype)
+            r["xla_gemm_tflops"] = gemm_rate(
+                n, cfg.hidden_size, cfg.intermediate_size, llm.model.dtype
+            )
         results["prefill"] = r
-        extra = f"XLA GEMM {r['xla_gemm_tflops']:.0f} TFLOP/s on {n}x{cfg.hidden_size}x" \
-                f"{cfg.intermediate_size}" if is_gpu else ""
+        extra = (
+            f"XLA GEMM {r['xla_gemm_tflops']:.0f} TFLOP/s on {n}x{cfg.hidden_size}x"
+            f"{cfg.intermediate_size}"
+            if is_gpu
+            else ""
+        )
         rows.append((f"prefill {n}", f"{t * 1e3:.1f} ms, {r['tflops']:.1f} TFLOP/s", extra))
 
     results["compiled_variants"] = llm.engine.runner.num_compiled_variants
-    print(f"\nrtpjax bench_offline: {info['model']} on {info['device']} ({info['backend']}), jax "
-          f"{info['jax']}, commit {info['commit']}, weights {info['weights_gb']:.2f} GB")
+    print(
+        f"\nrtpjax bench_offline: {info['model']} on {info['device']} ({info['backend']}), jax "
+        f"{info['jax']}, commit {info['commit']}, weights {info['weights_gb']:.2f} GB"
+    )
     if bw:
         print(f"measured copy bandwidth {bw / 1e12:.2f} TB/s")
     w = max(len(r[0]) for r in rows)
     for name, value, note in rows:
         print(f"  {name:<{w}}  {value:<36} {note}")
     print(f"  compiled step variants: {results['compiled_variants']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1, default=float)
+    rows.save()
     return 0
+
+
+class _Rows(list):
+    """Table rows, each also printed (and the JSON rewritten) as soon as it is measured, so a run
+    cut short still reports what it finished."""
+
+    def __init__(self, path: str | None, results: dict):
+        super().__init__()
+        self.path, self.results = path, results
+
+    def append(self, row) -> None:
+        super().append(row)
+        print("  ".join(row), flush=True)
+        self.save()
+
+    def save(self) -> None:
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(self.results, f, indent=1, default=float)
 
 
 if __name__ == "__main__":

@@ -277,8 +277,10 @@ class LLMEngine:
         timing.schedule_s = t1 - t0
         if sched.chunks:
             prepared = self.runner.prepare(sched)
+            t2 = time.perf_counter()
             self._inflight = self.runner.execute(prepared)
-            timing.launch_s = time.perf_counter() - t1
+            timing.prepare_s = t2 - t1
+            timing.launch_s = time.perf_counter() - t2
         if prev is not None:
             self._process(prev, changed, timing)
         elif not sched.chunks and self._inflight is None and self.scheduler.has_work():
@@ -437,13 +439,14 @@ class StepTiming:
     """Host seconds of one engine step, by phase. `wait_s` is time blocked on the device."""
 
     schedule_s: float = 0.0
-    launch_s: float = 0.0  # prepare the inputs + dispatch the jitted step
+    prepare_s: float = 0.0  # lay out the step's inputs (numpy)
+    launch_s: float = 0.0  # dispatch the jitted step (host side of enqueueing its kernels)
     wait_s: float = 0.0
     post_s: float = 0.0  # update, detokenize, stop strings, outputs
 
     @property
     def host_s(self) -> float:
-        return self.schedule_s + self.launch_s + self.post_s
+        return self.schedule_s + self.prepare_s + self.launch_s + self.post_s
 
 
 @dataclasses.dataclass
@@ -454,7 +457,8 @@ class EngineStats:
     steps: int = 0
     prefill_tokens: int = 0  # prompt tokens computed (prefix-cache hits excluded)
     decode_tokens: int = 0
-    # Per step (bounded): (num_chunks, decode_only, schedule_s, launch_s, wait_s, post_s).
+    # Per step (bounded): (num_chunks, decode_only, schedule_s, prepare_s + launch_s, wait_s,
+    # post_s, prepare_s).
     step_log: list[tuple] = dataclasses.field(default_factory=list)
 
     def record_step(self, sched: SchedulerOutput, t: StepTiming) -> None:
@@ -471,9 +475,10 @@ class EngineStats:
                     len(sched.chunks),
                     decode_only and bool(sched.chunks),
                     t.schedule_s,
-                    t.launch_s,
+                    t.prepare_s + t.launch_s,
                     t.wait_s,
                     t.post_s,
+                    t.prepare_s,
                 )
             )
 
@@ -482,7 +487,7 @@ class EngineStats:
         rows = np.asarray(
             [r for r in self.step_log if r[0] >= min_batch and (r[1] or not decode_only)],
             dtype=np.float64,
-        ).reshape(-1, 6)
+        ).reshape(-1, 7)
         if not len(rows):
             return {}
         host = (rows[:, 2] + rows[:, 3] + rows[:, 5]) * 1e3
@@ -492,7 +497,8 @@ class EngineStats:
             "p90": float(np.percentile(host, 90)),
             "p99": float(np.percentile(host, 99)),
             "schedule_p50": float(np.median(rows[:, 2]) * 1e3),
-            "launch_p50": float(np.median(rows[:, 3]) * 1e3),
+            "prepare_p50": float(np.median(rows[:, 6]) * 1e3),
+            "launch_p50": float(np.median(rows[:, 3] - rows[:, 6]) * 1e3),
             "post_p50": float(np.median(rows[:, 5]) * 1e3),
             "wait_p50": float(np.median(rows[:, 4]) * 1e3),
         }
