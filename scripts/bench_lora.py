@@ -26,6 +26,7 @@ of `rounds` such runs, base and LoRA interleaved round by round so that drift hi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -517,6 +518,13 @@ def main() -> None:
         "gpu_fused": op_gpu(lg.FUSED_CONFIG),
         "gpu_base": WithBase(config),
         "gpu_fused_base": WithBase(lg.FUSED_CONFIG),
+        "gpu_base_nosplit": WithBase(
+            dataclasses.replace(
+                config,
+                fwd=dataclasses.replace(config.fwd, splits=1),
+                shrink_t=dataclasses.replace(config.shrink_t, splits=1),
+            )
+        ),
         "xla": op_xla,
         "ragged_dot": op_ragged_dot,
         "gather_einsum": op_gather_einsum,

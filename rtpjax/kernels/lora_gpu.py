@@ -70,14 +70,15 @@ def _cdiv(a: int, b: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """Static shape of one kernel. block_t: rows per tile; block_k: reduction chunk; block_n:
-    output columns per program; splits: programs sharing one slot's rows (tgmm only)."""
+    output columns per program; splits: programs sharing one reduction (tgmm: a slot's rows;
+    gmm with a float32 output: the K axis), their float32 partials summed by XLA."""
 
     block_t: int = 32
     block_k: int = 64
     block_n: int = 128
     num_warps: int = 4
     num_stages: int = 3
-    splits: int = 0  # tgmm: 0 = choose from the shapes
+    splits: int = 0  # 0 = choose from the shapes
 
     def __post_init__(self) -> None:
         for name in ("block_t", "block_k", "block_n"):
@@ -308,10 +309,11 @@ def _gmm_kernel(
     rank_ref,  # i32[G]
     lhs_ref,  # [T, K]
     w_ref,  # [G*K, N], or [G*N, K] when trans
-    *rest,  # [base [T, N] (aliased to out)], out [T, N]
+    *rest,  # [base [T, N] (aliased to out)], out [S*T, N] (S = splits: partial sums over K)
     G: int,
     trans: bool,
     k_is_rank: bool,
+    splits: int,
     cfg: KernelConfig,
 ):
     base_ref, out_ref = rest if len(rest) == 2 else (None, rest[0])
@@ -321,6 +323,13 @@ def _gmm_kernel(
     g, rows = _visit(vslot_ref, vtile_ref, bounds_ref, G, BT, T)
     cols = _span(pl.program_id(1) * BN, BN, N)
     out_mask = _mask(rows.ok, cols.ok)
+    nk = _cdiv(K, BK)
+    k_lo, k_hi = 0, nk
+    if splits > 1:  # this program sums K blocks [k_lo, k_hi) into its own partial's rows
+        per = _cdiv(nk, splits)
+        sp = pl.program_id(2)
+        k_lo, k_hi = sp * per, jnp.minimum(nk, (sp + 1) * per)
+        rows = rows._replace(store=jnp.where(rows.ok, sp * T + rows.load, splits * T))
 
     if base_ref is None:  # with a base, the tail's rows already hold it
 
@@ -341,7 +350,7 @@ def _gmm_kernel(
             wt = _load(w_ref, g * K + kk.load, cols.load, _mask(kk.ok, cols.ok))  # [BK, BN]
             return acc + _dot(lt, wt.astype(lt.dtype))
 
-        acc = lax.fori_loop(0, _cdiv(K, BK), body, jnp.zeros((BT, BN), jnp.float32))
+        acc = lax.fori_loop(k_lo, k_hi, body, jnp.zeros((BT, BN), jnp.float32))
         if base_ref is not None:
             acc += _load(base_ref, rows.load, cols.load, out_mask).astype(jnp.float32)
         _store(out_ref, rows.store, cols.store, acc.astype(out_ref.dtype), out_mask)
@@ -359,9 +368,12 @@ def gmm(
     vm: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     base: jax.Array | None = None,
     interpret: bool = False,
+    num_sms: int = 132,
 ) -> jax.Array:  # [T, N] in out_dtype; rows past the groups 0 (or base's)
     """Row t of lhs times its slot's matrix (plus base[t], added in place, when given).
-    k_is_rank: K is the rank axis, read only up to each slot's rank."""
+    k_is_rank: K is the rank axis, read only up to each slot's rank. cfg.splits > 1 (or 0 =
+    automatic, for float32 outputs without a base) splits K over that many programs per tile,
+    whose float32 partials XLA sums: more loads in flight when a long K meets few row tiles."""
     T, K = lhs.shape
     G = w.shape[0]
     N = w.shape[1] if trans else w.shape[2]
@@ -370,18 +382,24 @@ def gmm(
     bn = min(cfg.block_n, _pow2(N))
     cfg = dataclasses.replace(cfg, block_k=bk, block_n=bn)
     vslot, vtile, bounds = vm if vm is not None else visit_map(m, T, cfg.block_t)
+    nv, nn, nk = vslot.shape[0], _cdiv(N, bn), _cdiv(K, bk)
+    S = 1
+    if base is None and jnp.dtype(out_dtype) == jnp.float32:
+        S = cfg.splits or max(1, min(8, nk // 4, (4 * num_sms) // (nv * nn)))
+        S = max(1, min(S, nk))
     args = [vslot, vtile, bounds.reshape(-1), m.rank, lhs, w.reshape(G * w.shape[1], w.shape[2])]
     if base is not None:
         args.append(base.astype(out_dtype))
-    return pl.pallas_call(
-        functools.partial(_gmm_kernel, G=G, trans=trans, k_is_rank=k_is_rank, cfg=cfg),
-        out_shape=jax.ShapeDtypeStruct((T, N), out_dtype),
-        grid=(vslot.shape[0], _cdiv(N, bn)),
+    out = pl.pallas_call(
+        functools.partial(_gmm_kernel, G=G, trans=trans, k_is_rank=k_is_rank, splits=S, cfg=cfg),
+        out_shape=jax.ShapeDtypeStruct((S * T, N), out_dtype),
+        grid=(nv, nn, S) if S > 1 else (nv, nn),
         input_output_aliases={len(args) - 1: 0} if base is not None else {},
         compiler_params=cfg.params(),
         interpret=interpret,
-        name=f"lora_gmm{'_t' if trans else ''}_t{cfg.block_t}_k{bk}_n{bn}",
+        name=f"lora_gmm{'_t' if trans else ''}_t{cfg.block_t}_k{bk}_n{bn}_s{S}",
     )(*args)
+    return out if S == 1 else jnp.sum(out.reshape(S, T, N), axis=0)
 
 
 def _tgmm_kernel(
@@ -468,8 +486,11 @@ class GpuBackend:
         cfg = self.config
         T = x.shape[0]
         vm = visit_map(m, T, cfg.fwd.block_t)
-        s, delta = _fwd(x, a, b, m, vm, cfg.fwd, cfg.fused_fwd, self.interpret, base)
-        if delta is None:
+        if cfg.fused_fwd:
+            s, delta = _fwd(x, a, b, m, vm, cfg.fwd, True, self.interpret, base)
+        else:
+            s = gmm(x, a, m, False, jnp.float32, cfg=cfg.fwd, vm=vm, interpret=self.interpret)
+            s = jnp.where(lora.live_mask(m, a.shape[2]), s, 0.0)  # f32[T, R]
             sp = (s * lora.row_scale(m)[:, None]).astype(b.dtype)  # [T, R]
             vm_e = vm if cfg.expand.block_t == cfg.fwd.block_t else None
             delta = gmm(sp, b, m, False, x.dtype, cfg=cfg.expand, k_is_rank=True, vm=vm_e,

@@ -22,9 +22,9 @@ SMALL = lora_gpu.LoraGpuConfig(
     tgmm=KC(block_t=16, block_k=16, block_n=16),
 )
 SMALL_UNFUSED = lora_gpu.LoraGpuConfig(
-    fwd=KC(block_t=32, block_k=32),
+    fwd=KC(block_t=32, block_k=16, splits=3),  # K split over 3 programs (partials summed)
     expand=KC(block_t=16, block_k=16, block_n=16),
-    shrink_t=KC(block_t=32, block_k=16),
+    shrink_t=KC(block_t=32, block_k=16, splits=2),
     tgmm=KC(block_t=16, block_k=32, block_n=32, splits=3),
     fused_fwd=False,
 )
