@@ -110,13 +110,14 @@ class LoadStats:
     drain_s: float = 0.0
 
     def summary(self) -> str:
+        head = f"{self.bytes_needed / 1e9:.2f} GB of weights in {self.seconds:.2f} s"
+        if not self.bytes_read:  # GGUF, Orbax as HF tensors: produced on the host, not read
+            return f"{head} ({self.blocks} tensors produced on the host)"
         rate = self.bytes_read / self.seconds / 1e9 if self.seconds else 0.0
         return (
-            f"{self.bytes_needed / 1e9:.2f} GB of weights in {self.seconds:.2f} s "
-            f"({rate:.2f} GB/s read; {self.blocks} blocks, "
-            f"{self.host_buffer_bytes / 2**20:.0f} MiB "
-            f"{'pinned' if self.pinned else 'pageable'} ring, "
-            f"{'direct' if self.direct_io else 'buffered'} I/O)"
+            f"{head} ({rate:.2f} GB/s read; {self.blocks} blocks, "
+            f"{self.host_buffer_bytes / 2**20:.0f} MiB {'pinned' if self.pinned else 'pageable'} "
+            f"ring, {'direct' if self.direct_io else 'buffered'} I/O)"
         )
 
 
