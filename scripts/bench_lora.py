@@ -470,6 +470,7 @@ def main() -> None:
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
     p.add_argument("--variants", default="gpu,gpu_fused,gpu_base,gpu_fused_base,xla,ragged_dot,"
                    "gather_einsum")  # fmt: skip
+    p.add_argument("--commit", default="", help="commit to record when the tree has no .git")
     p.add_argument("--no-alone", action="store_true", help="skip timing LoRA without the base")
     p.add_argument("--quick-check", action="store_true", help="correctness on the small shape")
     args = p.parse_args()
@@ -478,7 +479,8 @@ def main() -> None:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip()  # fmt: skip
     except OSError:
-        commit = "?"
+        commit = ""
+    commit = args.commit or commit or "unknown"  # a copy without .git (the GPU machine)
     dev = jax.devices()[0]
     say(f"device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
         f"commit {commit}")  # fmt: skip
