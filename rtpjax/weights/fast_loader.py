@@ -27,13 +27,11 @@ by a reader thread instead of read from disk.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import gc
 import logging
 import math
-import mmap
 import os
 import queue
 import threading
@@ -45,19 +43,23 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from rtpjax.config import ModelConfig
 from rtpjax.models import llama
-from rtpjax.models.params import ArrayInfo, info_leaves, is_info
+from rtpjax.models.params import is_info
 from rtpjax.sharding import rules
 from rtpjax.sharding.mesh import make_mesh
-from rtpjax.weights.loader import TensorSource, check_names
-from rtpjax.weights.safetensors_io import SafetensorsCheckpoint, resident_fraction
+from rtpjax.weights.loader import Piece, Recipe, TensorSource, check_names, check_shapes, recipes
+from rtpjax.weights.safetensors_io import (
+    ALIGN,
+    RingReader,
+    SafetensorsCheckpoint,
+    resident_fraction,
+)
 
 logger = logging.getLogger("rtpjax.weights")
 
-_ALIGN = 4096  # O_DIRECT offset, length and buffer alignment (covers 512- and 4096-byte sectors)
 IO_MODES = ("auto", "buffered", "direct")
 
 
@@ -74,9 +76,9 @@ class LoadOptions:
     def __post_init__(self):
         if self.readers < 1:
             raise ValueError(f"readers={self.readers} must be >= 1")
-        if self.block_bytes < _ALIGN or self.block_bytes % _ALIGN:
+        if self.block_bytes < ALIGN or self.block_bytes % ALIGN:
             raise ValueError(
-                f"block_bytes={self.block_bytes} must be a positive multiple of {_ALIGN}"
+                f"block_bytes={self.block_bytes} must be a positive multiple of {ALIGN}"
             )
         if self.ring_slots < 0:
             raise ValueError(f"ring_slots={self.ring_slots} must be >= 0 (0: readers + 4)")
@@ -119,142 +121,6 @@ class LoadStats:
             f"{self.host_buffer_bytes / 2**20:.0f} MiB {'pinned' if self.pinned else 'pageable'} "
             f"ring, {'direct' if self.direct_io else 'buffered'} I/O)"
         )
-
-
-# --- recipes: which HF tensors make each declared weight ------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Piece:
-    """One HF tensor as (part of) a model weight: the tensor of `hf_shape` reshaped to `src_shape`,
-    then axis 0 repeated `repeat` times element-wise (KV heads under tensor parallelism wider than
-    the checkpoint's K)."""
-
-    name: str
-    hf_shape: tuple[int, ...]
-    src_shape: tuple[int, ...]
-    repeat: int = 1
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.src_shape[0] * self.repeat, *self.src_shape[1:])
-
-    @property
-    def split(self) -> int:
-        """The axis along which the tensor's bytes are cut: the first of extent > 1. Every axis
-        before it has extent 1, so a range along it is one contiguous byte range."""
-        return next((i for i, n in enumerate(self.src_shape) if n > 1), 0)
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    path: str  # dotted path in the parameter tree, e.g. "layers.3.w_qkv"
-    info: ArrayInfo
-    sharding: Any  # NamedSharding
-    pieces: tuple[Piece, ...]
-    axis: int = 0  # concatenation axis of the pieces
-
-
-def recipes(
-    cfg: ModelConfig, spec: llama.Params, shardings: llama.Params | None = None
-) -> list[Recipe]:
-    """Every declared weight of the Llama family as HF tensors, in parameter-tree order."""
-    D, F, V, H = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
-    K, G, r = cfg.num_kv_heads, cfg.q_per_kv, cfg.kv_head_replication
-    K0, NH = K // r, K * G * H  # checkpoint KV heads; query rows
-
-    def one(name: str, hf_shape: tuple[int, ...], shape: tuple[int, ...] | None = None):
-        return (Piece(name, hf_shape, shape or hf_shape),), 0
-
-    table: dict[str, tuple[tuple[Piece, ...], int]] = {
-        "embed": one("model.embed_tokens.weight", (V, D)),
-        "final_norm": one("model.norm.weight", (D,)),
-        "lm_head": one("lm_head.weight", (V, D)),
-    }
-    for i in range(cfg.num_layers):
-        p, L = f"model.layers.{i}.", f"layers.{i}."
-        a, m = p + "self_attn.", p + "mlp."
-        table |= {
-            L + "attn_norm": one(p + "input_layernorm.weight", (D,)),
-            L + "q_norm": one(a + "q_norm.weight", (H,)),
-            L + "k_norm": one(a + "k_norm.weight", (H,)),
-            L + "w_o": one(a + "o_proj.weight", (D, NH), (D, K, G, H)),
-            L + "b_o": one(a + "o_proj.bias", (D,)),
-            L + "mlp_norm": one(p + "post_attention_layernorm.weight", (D,)),
-            L + "w_down": one(m + "down_proj.weight", (D, F)),
-            L + "w_qkv": (
-                (
-                    Piece(a + "q_proj.weight", (NH, D), (K, G, H, D)),
-                    Piece(a + "k_proj.weight", (K0 * H, D), (K0, 1, H, D), r),
-                    Piece(a + "v_proj.weight", (K0 * H, D), (K0, 1, H, D), r),
-                ),
-                1,
-            ),
-            L + "b_qkv": (
-                (
-                    Piece(a + "q_proj.bias", (NH,), (K, G, H)),
-                    Piece(a + "k_proj.bias", (K0 * H,), (K0, 1, H), r),
-                    Piece(a + "v_proj.bias", (K0 * H,), (K0, 1, H), r),
-                ),
-                1,
-            ),
-            L + "w_gate_up": (
-                (
-                    Piece(m + "gate_proj.weight", (F, D), (1, F, D)),
-                    Piece(m + "up_proj.weight", (F, D), (1, F, D)),
-                ),
-                0,
-            ),
-        }
-    leaves = info_leaves(spec)
-    shard_leaves = (
-        [None] * len(leaves)
-        if shardings is None
-        else jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-    )
-    out = []
-    for (path, info), sharding in zip(leaves, shard_leaves, strict=True):
-        if path not in table:
-            raise ValueError(f"declared weight {path!r} has no loading recipe")
-        pieces, axis = table[path]
-        if (
-            len(pieces) > 1
-            and sharding is not None
-            and sharding.spec[axis : axis + 1] not in ((), (None,))
-        ):
-            raise ValueError(
-                f"{path}: its pieces are concatenated along axis {axis}, which the "
-                f"sharding rules split ({sharding.spec}); that axis must stay whole"
-            )
-        out.append(Recipe(path, info, sharding, pieces, axis))
-    return out
-
-
-def source_shape(source: TensorSource, name: str) -> tuple[int, ...]:
-    if hasattr(source, "tensor_shape"):
-        return tuple(source.tensor_shape(name))
-    return tuple(source.tensor(name).shape)
-
-
-def check_shapes(source: TensorSource, plan: Sequence[Recipe]) -> None:
-    """Every piece present with the shape the config implies, and the pieces make the weight."""
-    names = set(source.tensor_names())
-    for rec in plan:
-        for piece in rec.pieces:
-            if piece.name not in names:
-                raise ValueError(f"{source.path}: missing tensor {piece.name!r}")
-            got = source_shape(source, piece.name)
-            if got != piece.hf_shape:
-                raise ValueError(
-                    f"{source.path}: tensor {piece.name!r} has shape {got}, the config implies "
-                    f"{piece.hf_shape}"
-                )
-        fused = list(rec.pieces[0].shape)
-        fused[rec.axis] = sum(p.shape[rec.axis] for p in rec.pieces)
-        if tuple(fused) != rec.info.shape:
-            raise ValueError(
-                f"{rec.path}: its pieces make {tuple(fused)}, declared {rec.info.shape}"
-            )
 
 
 # --- the plan: which bytes, in which order, go to which device ------------------------------------
@@ -462,165 +328,46 @@ class _Reader(Protocol):
     def close(self) -> None: ...
 
 
-def _round_up(n: int, to: int) -> int:
-    return -(-n // to) * to
-
-
 class _FileReader:
-    """`readers` threads reading blocks, in order, into a ring of page-aligned slots.
-
-    Slots are handed out strictly in block order, so the consumer (which also takes blocks in
-    order and returns slots oldest first) can never wait on a block that waits on a slot. A slot
-    comes back only when every transfer from it has completed (the releaser thread waits on them).
-    """
+    """Blocks of safetensors files through a `RingReader`, as one array per segment."""
 
     def __init__(self, blocks: list[_Block], opts: LoadOptions, direct: bool, client: Any):
         self.blocks = blocks
-        self.direct = direct
-        span = max((b.end - b.start for b in blocks), default=0)
-        self.slot_bytes = _round_up(span + 2 * _ALIGN, _ALIGN)
-        self.n_slots = max(1, min(opts.slots, len(blocks)))
-        self.mem = mmap.mmap(-1, self.n_slots * self.slot_bytes)
-        self._anchor = ctypes.c_char.from_buffer(self.mem)
-        self.address = ctypes.addressof(self._anchor)
-        # Slots are registered for DMA by the reader that first fills them, so the (slow) pinning
-        # of the ring overlaps the first reads instead of delaying them.
-        self.client = self.pin_client = client
-        self.registered: set[int] = set()
-        self.register_lock = threading.Lock()
-        self.free: queue.Queue[int] = queue.Queue()
-        for i in range(self.n_slots):
-            self.free.put(i)
-        self.results: dict[int, Any] = {}
-        self.cond = threading.Condition()
-        self.claim = threading.Lock()
-        self.next = 0
-        self.stop = threading.Event()
-        self.fds: dict[str, int] = {}
-        flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
-        for path in dict.fromkeys(b.file for b in blocks):
-            self.fds[path] = os.open(path, flags)
-            if not direct:
-                os.posix_fadvise(self.fds[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        self.pending: queue.Queue[Any] = queue.Queue()
-        self.release_error: BaseException | None = None
-        self.threads = [
-            threading.Thread(target=self._read_loop, name=f"rtpjax-read-{i}", daemon=True)
-            for i in range(min(opts.readers, max(1, len(blocks))))
-        ]
-        self.releaser = threading.Thread(
-            target=self._release_loop, name="rtpjax-release", daemon=True
+        self.ring = RingReader(
+            [(b.file, b.start, b.end) for b in blocks],
+            readers=opts.readers,
+            slots=opts.slots,
+            direct=direct,
+            register=client.dma_map if client is not None else None,
+            unregister=client.dma_unmap if client is not None else None,
+            wait=lambda arrays: jax.block_until_ready(
+                [a for a in arrays if isinstance(a, jax.Array)]
+            ),
         )
-        for t in [*self.threads, self.releaser]:
-            t.start()
 
     @property
     def pinned(self) -> bool:
-        return bool(self.registered)
+        return self.ring.pinned
 
-    def _register(self, slot: int) -> None:
-        with self.register_lock:
-            if self.client is None or slot in self.registered:
-                return
-            try:
-                self.client.dma_map(self.address + slot * self.slot_bytes, self.slot_bytes)
-                self.registered.add(slot)
-            except Exception as e:  # CPU and some plugins: "DmaMap is not supported"
-                logger.debug("host ring not registered for DMA: %s", e)
-                self.client = None
-
-    def _read_loop(self) -> None:
-        while not self.stop.is_set():
-            with self.claim:
-                if self.next >= len(self.blocks):
-                    return
-                i = self.next
-                self.next += 1
-                slot = None
-                while slot is None:
-                    if self.stop.is_set():
-                        return
-                    with contextlib.suppress(queue.Empty):
-                        slot = self.free.get(timeout=0.05)
-            try:
-                self._register(slot)
-                result: Any = (slot, self._read(self.blocks[i], slot))
-            except BaseException as e:  # delivered to the consumer, which raises it
-                result = e
-            with self.cond:
-                self.results[i] = result
-                self.cond.notify_all()
-
-    def _read(self, block: _Block, slot: int) -> int:
-        """Read the block into the slot; return the offset of block.start within the slot."""
-        a0 = block.start - block.start % _ALIGN
-        want = _round_up(block.end - a0, _ALIGN)
-        begin = slot * self.slot_bytes
-        got = 0
-        with memoryview(self.mem) as mv:
-            view = mv[begin : begin + want]
-            while got < want:
-                n = os.preadv(self.fds[block.file], [view[got:]], a0 + got)
-                if n == 0:
-                    break
-                got += n
-            del view
-        if a0 + got < block.end:
-            raise ValueError(
-                f"{block.file}: truncated: reading bytes up to {block.end}, the file ended at "
-                f"{a0 + got} (it changed since it was opened)"
-            )
-        return block.start - a0
+    @property
+    def nbytes(self) -> int:
+        return self.ring.nbytes
 
     def __iter__(self) -> Iterator[tuple[_Block, list[np.ndarray], Any]]:
-        for i, block in enumerate(self.blocks):
-            with self.cond:
-                while i not in self.results:
-                    self.cond.wait()
-                result = self.results.pop(i)
-            if isinstance(result, BaseException):
-                raise result
-            slot, offset = result
-            base = slot * self.slot_bytes + offset - block.start
+        for block, (slot, data) in zip(self.blocks, self.ring, strict=True):
             views = [
-                np.frombuffer(
-                    self.mem,
-                    seg.dtype,
-                    (seg.end - seg.start) // seg.dtype.itemsize,
-                    base + seg.start,
-                ).reshape(seg.shape)
+                data[seg.start - block.start : seg.end - block.start]
+                .view(seg.dtype)
+                .reshape(seg.shape)
                 for seg in block.segments
             ]
             yield block, views, slot
 
     def release(self, token: Any, arrays: list[Any]) -> None:
-        self.pending.put((token, arrays))
-
-    def _release_loop(self) -> None:
-        while (item := self.pending.get()) is not None:
-            slot, arrays = item
-            try:
-                jax.block_until_ready([a for a in arrays if isinstance(a, jax.Array)])
-            except BaseException as e:
-                self.release_error = e
-            del arrays, item
-            self.free.put(slot)
+        self.ring.release(token, arrays)
 
     def close(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
-        self.pending.put(None)  # the releaser drains: no transfer still reads the ring after this
-        self.releaser.join()
-        for fd in self.fds.values():
-            os.close(fd)
-        for slot in self.registered:
-            self.pin_client.dma_unmap(self.address + slot * self.slot_bytes)
-        del self._anchor
-        with contextlib.suppress(BufferError):  # a view still lives: the mapping goes with it
-            self.mem.close()
-        if self.release_error is not None:
-            raise self.release_error
+        self.ring.close()
 
 
 class _SourceReader:
@@ -902,7 +649,7 @@ def run_plan(
             direct = _choose_direct(paths, options.io) and all(_direct_works(p) for p in paths)
             reader = _FileReader(plan.blocks, options, direct, client if options.pin else None)
             stats.direct_io = direct
-            stats.host_buffer_bytes = len(reader.mem)
+            stats.host_buffer_bytes = reader.nbytes
             stats.bytes_read = plan.bytes_read
         else:
             reader = _SourceReader(source, plan.blocks)

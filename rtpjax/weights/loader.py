@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from rtpjax.config import ModelConfig
 from rtpjax.models import llama
@@ -225,3 +226,139 @@ def _progress(total: int, path: str):
 def param_names(cfg: ModelConfig) -> list[str]:
     """Dotted paths of every declared weight (for messages and tests)."""
     return [p for p, _ in info_leaves(llama.spec(cfg))]
+
+
+# --- recipes: which HF tensors make each declared weight ------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One HF tensor as (part of) a model weight: the tensor of `hf_shape` reshaped to `src_shape`,
+    then axis 0 repeated `repeat` times element-wise (KV heads under tensor parallelism wider than
+    the checkpoint's K)."""
+
+    name: str
+    hf_shape: tuple[int, ...]
+    src_shape: tuple[int, ...]
+    repeat: int = 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.src_shape[0] * self.repeat, *self.src_shape[1:])
+
+    @property
+    def split(self) -> int:
+        """The axis along which the tensor's bytes are cut: the first of extent > 1. Every axis
+        before it has extent 1, so a range along it is one contiguous byte range."""
+        return next((i for i, n in enumerate(self.src_shape) if n > 1), 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    path: str  # dotted path in the parameter tree, e.g. "layers.3.w_qkv"
+    info: ArrayInfo
+    sharding: Any  # NamedSharding
+    pieces: tuple[Piece, ...]
+    axis: int = 0  # concatenation axis of the pieces
+
+
+def recipes(
+    cfg: ModelConfig, spec: llama.Params, shardings: llama.Params | None = None
+) -> list[Recipe]:
+    """Every declared weight of the Llama family as HF tensors, in parameter-tree order."""
+    D, F, V, H = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    K, G, r = cfg.num_kv_heads, cfg.q_per_kv, cfg.kv_head_replication
+    K0, NH = K // r, K * G * H  # checkpoint KV heads; query rows
+
+    def one(name: str, hf_shape: tuple[int, ...], shape: tuple[int, ...] | None = None):
+        return (Piece(name, hf_shape, shape or hf_shape),), 0
+
+    table: dict[str, tuple[tuple[Piece, ...], int]] = {
+        "embed": one("model.embed_tokens.weight", (V, D)),
+        "final_norm": one("model.norm.weight", (D,)),
+        "lm_head": one("lm_head.weight", (V, D)),
+    }
+    for i in range(cfg.num_layers):
+        p, L = f"model.layers.{i}.", f"layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        table |= {
+            L + "attn_norm": one(p + "input_layernorm.weight", (D,)),
+            L + "q_norm": one(a + "q_norm.weight", (H,)),
+            L + "k_norm": one(a + "k_norm.weight", (H,)),
+            L + "w_o": one(a + "o_proj.weight", (D, NH), (D, K, G, H)),
+            L + "b_o": one(a + "o_proj.bias", (D,)),
+            L + "mlp_norm": one(p + "post_attention_layernorm.weight", (D,)),
+            L + "w_down": one(m + "down_proj.weight", (D, F)),
+            L + "w_qkv": (
+                (
+                    Piece(a + "q_proj.weight", (NH, D), (K, G, H, D)),
+                    Piece(a + "k_proj.weight", (K0 * H, D), (K0, 1, H, D), r),
+                    Piece(a + "v_proj.weight", (K0 * H, D), (K0, 1, H, D), r),
+                ),
+                1,
+            ),
+            L + "b_qkv": (
+                (
+                    Piece(a + "q_proj.bias", (NH,), (K, G, H)),
+                    Piece(a + "k_proj.bias", (K0 * H,), (K0, 1, H), r),
+                    Piece(a + "v_proj.bias", (K0 * H,), (K0, 1, H), r),
+                ),
+                1,
+            ),
+            L + "w_gate_up": (
+                (
+                    Piece(m + "gate_proj.weight", (F, D), (1, F, D)),
+                    Piece(m + "up_proj.weight", (F, D), (1, F, D)),
+                ),
+                0,
+            ),
+        }
+    leaves = info_leaves(spec)
+    shard_leaves = (
+        [None] * len(leaves)
+        if shardings is None
+        else jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    )
+    out = []
+    for (path, info), sharding in zip(leaves, shard_leaves, strict=True):
+        if path not in table:
+            raise ValueError(f"declared weight {path!r} has no loading recipe")
+        pieces, axis = table[path]
+        if (
+            len(pieces) > 1
+            and sharding is not None
+            and sharding.spec[axis : axis + 1] not in ((), (None,))
+        ):
+            raise ValueError(
+                f"{path}: its pieces are concatenated along axis {axis}, which the "
+                f"sharding rules split ({sharding.spec}); that axis must stay whole"
+            )
+        out.append(Recipe(path, info, sharding, pieces, axis))
+    return out
+
+
+def source_shape(source: TensorSource, name: str) -> tuple[int, ...]:
+    if hasattr(source, "tensor_shape"):
+        return tuple(source.tensor_shape(name))
+    return tuple(source.tensor(name).shape)
+
+
+def check_shapes(source: TensorSource, plan: Sequence[Recipe]) -> None:
+    """Every piece present with the shape the config implies, and the pieces make the weight."""
+    names = set(source.tensor_names())
+    for rec in plan:
+        for piece in rec.pieces:
+            if piece.name not in names:
+                raise ValueError(f"{source.path}: missing tensor {piece.name!r}")
+            got = source_shape(source, piece.name)
+            if got != piece.hf_shape:
+                raise ValueError(
+                    f"{source.path}: tensor {piece.name!r} has shape {got}, the config implies "
+                    f"{piece.hf_shape}"
+                )
+        fused = list(rec.pieces[0].shape)
+        fused[rec.axis] = sum(p.shape[rec.axis] for p in rec.pieces)
+        if tuple(fused) != rec.info.shape:
+            raise ValueError(
+                f"{rec.path}: its pieces make {tuple(fused)}, declared {rec.info.shape}"
+            )

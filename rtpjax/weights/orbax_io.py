@@ -33,6 +33,7 @@ from rtpjax.models import llama
 from rtpjax.models.params import ArrayInfo, info_leaves, is_info
 from rtpjax.sharding import rules
 from rtpjax.sharding.mesh import make_mesh
+from rtpjax.weights.loader import recipes
 
 logger = logging.getLogger("rtpjax.weights")
 
@@ -255,8 +256,6 @@ class OrbaxCheckpoint:
         self.params_dir = os.path.join(self.path, PARAMS)
         self._metadata: dict[str, Any] | None = None
         self._cache: tuple[str, dict[str, np.ndarray]] | None = None
-        from rtpjax.weights.fast_loader import recipes
-
         self._recipes = {r.path: r for r in recipes(self.config, llama.spec(self.config))}
         self._where = {
             pc.name: (r.path, i) for r in self._recipes.values() for i, pc in enumerate(r.pieces)

@@ -8,13 +8,17 @@ corrupt file is caught before anything is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
 import mmap
 import os
+import queue
 import struct
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -331,3 +335,187 @@ def drop_from_page_cache(paths: Iterable[str | os.PathLike]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+# --- reading in file order into a bounded ring ----------------------------------------------------
+
+ALIGN = 4096  # O_DIRECT offset, length and buffer alignment (covers 512- and 4096-byte sectors)
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+class RingReader:
+    """Byte ranges of files, read in the given order by `readers` threads into a ring of `slots`
+    page-aligned host buffers, each range with one large pread (O_DIRECT when `direct`).
+
+    Iterating yields (slot, uint8 view of exactly the range) in order. `release(slot, pending)`
+    gives the slot back once `wait(pending)` returns (a releaser thread waits: transfers out of the
+    slot must have completed before it is overwritten). Slots are handed out strictly in range
+    order, so a consumer that also goes in order can never wait on a range that waits on a slot.
+    `register(address, size)`, when given, is called on each slot before its first read (DMA
+    registration, e.g. PJRT's `client.dma_map`), so the slow pinning overlaps the first reads;
+    `unregister(address)` undoes it at close. A short read (the file changed since it was opened)
+    raises, in the consumer, a one-line ValueError naming the file.
+    """
+
+    def __init__(
+        self,
+        ranges: list[tuple[str, int, int]],
+        *,
+        readers: int,
+        slots: int,
+        direct: bool = False,
+        register: Callable[[int, int], None] | None = None,
+        unregister: Callable[[int], None] | None = None,
+        wait: Callable[[Any], None] | None = None,
+    ):
+        self.ranges = ranges
+        span = max((end - start for _, start, end in ranges), default=0)
+        self.slot_bytes = _round_up(span + 2 * ALIGN, ALIGN)
+        self.n_slots = max(1, min(slots, len(ranges)))
+        self.mem = mmap.mmap(-1, self.n_slots * self.slot_bytes)
+        self._anchor = ctypes.c_char.from_buffer(self.mem)
+        self.address = ctypes.addressof(self._anchor)
+        self._register_fn, self._unregister_fn = register, unregister
+        self.registered: set[int] = set()
+        self._register_lock = threading.Lock()
+        self._wait = wait
+        self.free: queue.Queue[int] = queue.Queue()
+        for i in range(self.n_slots):
+            self.free.put(i)
+        self.results: dict[int, Any] = {}
+        self.cond = threading.Condition()
+        self.claim = threading.Lock()
+        self.next = 0
+        self.stop = threading.Event()
+        self.fds: dict[str, int] = {}
+        flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+        try:
+            for path in dict.fromkeys(p for p, _, _ in ranges):
+                self.fds[path] = os.open(path, flags)
+                if not direct:
+                    os.posix_fadvise(self.fds[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError as e:
+            for fd in self.fds.values():
+                os.close(fd)
+            raise FileNotFoundError(f"{e.filename}: cannot open ({e.strerror})") from None
+        self.pending: queue.Queue[Any] = queue.Queue()
+        self.release_error: BaseException | None = None
+        self.threads = [
+            threading.Thread(target=self._read_loop, name=f"rtpjax-read-{i}", daemon=True)
+            for i in range(min(readers, max(1, len(ranges))))
+        ]
+        self.releaser = threading.Thread(
+            target=self._release_loop, name="rtpjax-release", daemon=True
+        )
+        for t in [*self.threads, self.releaser]:
+            t.start()
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.registered)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.mem)
+
+    def _register(self, slot: int) -> None:
+        with self._register_lock:
+            if self._register_fn is None or slot in self.registered:
+                return
+            try:
+                self._register_fn(self.address + slot * self.slot_bytes, self.slot_bytes)
+                self.registered.add(slot)
+            except Exception:  # e.g. "DmaMap is not supported" (CPU): stay pageable
+                self._register_fn = None
+
+    def _read_loop(self) -> None:
+        while not self.stop.is_set():
+            with self.claim:
+                if self.next >= len(self.ranges):
+                    return
+                i = self.next
+                self.next += 1
+                slot = None
+                while slot is None:
+                    if self.stop.is_set():
+                        return
+                    with contextlib.suppress(queue.Empty):
+                        slot = self.free.get(timeout=0.05)
+            try:
+                self._register(slot)
+                result: Any = (slot, self._read(i, slot))
+            except BaseException as e:  # delivered to the consumer, which raises it
+                result = e
+            with self.cond:
+                self.results[i] = result
+                self.cond.notify_all()
+
+    def _read(self, i: int, slot: int) -> int:
+        """Read range i into the slot; return the offset of its first byte within the slot."""
+        path, start, end = self.ranges[i]
+        a0 = start - start % ALIGN
+        want = _round_up(end - a0, ALIGN)
+        begin = slot * self.slot_bytes
+        got = 0
+        with memoryview(self.mem) as mv:
+            view = mv[begin : begin + want]
+            while got < want:
+                n = os.preadv(self.fds[path], [view[got:]], a0 + got)
+                if n == 0:
+                    break
+                got += n
+            del view
+        if a0 + got < end:
+            raise ValueError(
+                f"{path}: truncated: reading bytes up to {end}, the file ended at {a0 + got} "
+                "(it changed since it was opened)"
+            )
+        return start - a0
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        for i, (_, start, end) in enumerate(self.ranges):
+            with self.cond:
+                while i not in self.results:
+                    self.cond.wait()
+                result = self.results.pop(i)
+            if isinstance(result, BaseException):
+                raise result
+            slot, offset = result
+            begin = slot * self.slot_bytes + offset
+            yield slot, np.frombuffer(self.mem, np.uint8, end - start, begin)
+
+    def release(self, slot: int, pending: Any = None) -> None:
+        self.pending.put((slot, pending))
+
+    def _release_loop(self) -> None:
+        while (item := self.pending.get()) is not None:
+            slot, pending = item
+            try:
+                if self._wait is not None:
+                    self._wait(pending)
+            except BaseException as e:
+                self.release_error = e
+            del pending, item
+            self.free.put(slot)
+
+    def close(self) -> None:
+        """Stop the readers, wait for every pending transfer, free the ring; re-raise a transfer
+        error the releaser saw."""
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+        self.pending.put(None)  # the releaser drains: nothing still reads the ring after this
+        self.releaser.join()
+        for fd in self.fds.values():
+            os.close(fd)
+        for slot in self.registered:
+            if self._unregister_fn is not None:
+                self._unregister_fn(self.address + slot * self.slot_bytes)
+        del self._anchor
+        with contextlib.suppress(BufferError):  # a view still lives: the mapping goes with it
+            self.mem.close()
+        if self.release_error is not None:
+            raise self.release_error

@@ -19,15 +19,9 @@ from rtpjax.models.params import info_leaves
 from rtpjax.sharding import rules
 from rtpjax.sharding.mesh import make_mesh
 from rtpjax.weights.checkpoint import load_model, open_checkpoint
-from rtpjax.weights.fast_loader import (
-    LoadOptions,
-    load_params_fast,
-    make_plan,
-    read_local_shards,
-    recipes,
-)
+from rtpjax.weights.fast_loader import LoadOptions, load_params_fast, make_plan, read_local_shards
 from rtpjax.weights.gguf_file import read_gguf
-from rtpjax.weights.loader import load_params
+from rtpjax.weights.loader import load_params, recipes
 from rtpjax.weights.safetensors_io import SafetensorsCheckpoint, drop_from_page_cache, save_file
 from tests.conftest import FIXTURES
 
