@@ -96,11 +96,13 @@ class RequestStream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[RequestOutput]:
-        while not self.finished:
+        while True:
             item = await self.queue.get()
             if isinstance(item, BaseException):
                 raise item
             yield item
+            if item.finished:
+                return
 
     # Called on the event loop (scheduled by the engine thread).
     def _resolve(self, error: BaseException | None) -> None:
@@ -169,7 +171,10 @@ class AsyncLLMEngine:
         the rest and stop the thread. Returns how many requests were aborted."""
         self._accepting = False
         deadline = time.monotonic() + max(0.0, drain_timeout)
-        while self.is_running and self.snapshot.unfinished_requests and time.monotonic() < deadline:
+        # Ask the thread (the snapshot may predate a request accepted a moment ago).
+        while self.is_running and time.monotonic() < deadline:
+            if not await self.call(lambda e: e.num_unfinished_requests):
+                break
             await asyncio.sleep(0.05)
         aborted = 0
         if self.is_running:

@@ -2,10 +2,13 @@
 
     python tests/serving/offline_expected.py < spec.json > outputs.json
 
-spec: {"settings": {LLM keyword arguments}, "jobs": [{"prompts": [...]} or {"messages": [...]},
-with "params": {SamplingParams fields}]}. Output: one {"texts": [...], "finish_reasons": [...]} per
-job. A child process keeps the test process free of a second model and of jax's global settings
-(it shares the server's persistent compilation cache through JAX_COMPILATION_CACHE_DIR).
+spec: {"settings": {LLM keyword arguments}, "requests": [{"prompt": str} or {"messages": [...]},
+each with "params": {SamplingParams fields}]}. All requests go through one `LLM.generate` call
+(chats as their chat-template token ids, exactly what `LLM.chat` sends). Output: {"outputs": one
+{"text", "finish_reason"} per request, "prompt_ids": each request's prompt token ids}.
+
+A child process keeps the test process free of a second model and of jax's global settings (it
+shares the server's persistent compilation cache through JAX_COMPILATION_CACHE_DIR).
 """
 
 from __future__ import annotations
@@ -22,20 +25,22 @@ from rtpjax import LLM, SamplingParams
 def main() -> int:
     spec = json.load(sys.stdin)
     llm = LLM(**spec["settings"], progress=False)
-    results = []
-    for job in spec["jobs"]:
-        params = SamplingParams(**job["params"])
-        if "messages" in job:
-            outs = llm.chat(job["messages"], params)
-        else:
-            outs = llm.generate(job["prompts"], params)
-        results.append(
-            {
-                "texts": [o.outputs[0].text for o in outs],
-                "finish_reasons": [o.outputs[0].finish_reason for o in outs],
-            }
-        )
-    json.dump(results, sys.stdout)
+    tok = llm.get_tokenizer()
+    prompts = [
+        {"prompt_token_ids": tok.apply_chat_template(r["messages"], add_generation_prompt=True)}
+        if "messages" in r
+        else r["prompt"]
+        for r in spec["requests"]
+    ]
+    params = [SamplingParams(**r["params"]) for r in spec["requests"]]
+    outs = llm.generate(prompts, params)
+    result = {
+        "outputs": [
+            {"text": o.outputs[0].text, "finish_reason": o.outputs[0].finish_reason} for o in outs
+        ],
+        "prompt_ids": [o.prompt_token_ids for o in outs],
+    }
+    json.dump(result, sys.stdout)
     return 0
 
 

@@ -8,6 +8,7 @@ clients, and 64 concurrent streams.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import pathlib
 import subprocess
@@ -17,9 +18,6 @@ import time
 import httpx
 import openai
 import pytest
-
-from rtpjax.env import default_model_path
-from rtpjax.tokenizer import Tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SETTINGS = {"max_model_len": 512, "max_num_seqs": 64}
@@ -43,11 +41,10 @@ CHATS = [
 MAX_TOKENS = 12
 STOP = ["coach", "\n"]
 GREEDY = {"temperature": 0.0, "max_tokens": MAX_TOKENS}
-JOBS = [
-    {"prompts": PROMPTS, "params": GREEDY},
-    {"messages": CHATS[0], "params": GREEDY},
-    {"messages": CHATS[1], "params": GREEDY},
-    {"prompts": [PROMPTS[0]], "params": {**GREEDY, "stop": STOP}},
+REQUESTS = [
+    *({"prompt": p, "params": GREEDY} for p in PROMPTS),
+    *({"messages": c, "params": GREEDY} for c in CHATS),
+    {"prompt": PROMPTS[0], "params": {**GREEDY, "stop": STOP}},
 ]
 
 
@@ -68,29 +65,28 @@ def expected(server_proc, engine_env) -> dict:
     """The offline engine's outputs for JOBS (computed while the server process starts)."""
     p = subprocess.run(
         [sys.executable, str(REPO / "tests" / "serving" / "offline_expected.py")],
-        input=json.dumps({"settings": SETTINGS, "jobs": JOBS}),
+        input=json.dumps({"settings": SETTINGS, "requests": REQUESTS}),
         capture_output=True,
         text=True,
         env=engine_env,
         timeout=600,
     )
     assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads(p.stdout)
+    got = json.loads(p.stdout)
+    res, ids = got["outputs"], got["prompt_ids"]
+    n = len(PROMPTS)
     return {
-        "texts": dict(zip(PROMPTS, res[0]["texts"])),
-        "chats": [res[1]["texts"][0], res[2]["texts"][0]],
-        "stop": (res[3]["texts"][0], res[3]["finish_reasons"][0]),
+        "prompt_ids": {q: i for q, i in zip(PROMPTS, ids[:n])},
+        "chat_ids": ids[n : n + len(CHATS)],
+        "texts": {q: r["text"] for q, r in zip(PROMPTS, res[:n])},
+        "chats": [r["text"] for r in res[n : n + len(CHATS)]],
+        "stop": (res[-1]["text"], res[-1]["finish_reason"]),
     }
 
 
 @pytest.fixture(scope="module")
 def server(server_proc, expected):
     return server_proc.wait_ready()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.from_pretrained(default_model_path())
 
 
 @pytest.fixture(scope="module")
@@ -119,25 +115,20 @@ def _wait_idle(server, timeout: float = 60.0) -> dict:
 
 def test_completions_match_offline_sync(server, client, expected):
     texts = expected["texts"]
-    r = client.completions.create(
-        model="SmolLM2-135M-Instruct", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0
-    )
-    assert r.choices[0].text == texts[PROMPTS[0]]
-    assert r.choices[0].finish_reason == "length"
-    assert r.usage.completion_tokens == MAX_TOKENS
     # Several prompts in one request: one choice each, in order.
     r = client.completions.create(
-        model="SmolLM2-135M-Instruct", prompt=PROMPTS[1:4], max_tokens=MAX_TOKENS, temperature=0
+        model="SmolLM2-135M-Instruct", prompt=PROMPTS[:3], max_tokens=MAX_TOKENS, temperature=0
     )
     assert [c.index for c in r.choices] == [0, 1, 2]
-    assert [c.text for c in r.choices] == [texts[p] for p in PROMPTS[1:4]]
+    assert [c.text for c in r.choices] == [texts[p] for p in PROMPTS[:3]]
+    assert [c.finish_reason for c in r.choices] == ["length"] * 3
+    assert r.usage.completion_tokens == 3 * MAX_TOKENS
 
 
 def test_streams_match_offline_async(server, expected):
     texts, chats = expected["texts"], expected["chats"]
 
-    async def run():
-        c = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=300)
+    async def completion(c):
         stream = await c.completions.create(
             model="SmolLM2-135M-Instruct",
             prompt=PROMPTS[4],
@@ -152,14 +143,21 @@ def test_streams_match_offline_async(server, expected):
                 pieces.append(chunk.choices[0].text)
             if chunk.usage is not None:
                 usage = chunk.usage
-        chat = await c.chat.completions.create(
+        return pieces, usage
+
+    async def chat(c):
+        stream = await c.chat.completions.create(
             model="SmolLM2-135M-Instruct",
             messages=CHATS[0],
             max_completion_tokens=MAX_TOKENS,
             temperature=0,
             stream=True,
         )
-        chat_pieces = [ch.choices[0].delta.content or "" async for ch in chat if ch.choices]
+        return [ch.choices[0].delta.content or "" async for ch in stream if ch.choices]
+
+    async def run():
+        c = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=300)
+        (pieces, usage), chat_pieces = await asyncio.gather(completion(c), chat(c))
         await c.close()
         return pieces, usage, chat_pieces
 
@@ -258,15 +256,16 @@ def test_stop_strings_stream_and_not(server, client, expected):
         temperature=0,
         stop=STOP,
     )
-    r = client.completions.create(**kw)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        whole = pool.submit(client.completions.create, **kw)
+        chunks = pool.submit(lambda: list(client.completions.create(**kw, stream=True)))
+        r, streamed = whole.result(), "".join(ch.choices[0].text for ch in chunks.result())
     assert (r.choices[0].text, r.choices[0].finish_reason) == (want_text, want_reason)
     assert r.choices[0].stop_reason == "coach"  # vLLM's extra field: which stop matched
-    streamed = "".join(ch.choices[0].text for ch in client.completions.create(**kw, stream=True))
     assert streamed == want_text  # no prefix of a stop string was ever sent
 
 
-def test_logprobs_and_echo(server, client, tokenizer):
-    tok = tokenizer
+def test_logprobs_and_echo(server, client, expected):
     r = client.completions.create(
         model="SmolLM2-135M-Instruct", prompt=PROMPTS[1], max_tokens=4, temperature=0, logprobs=3
     )
@@ -285,7 +284,7 @@ def test_logprobs_and_echo(server, client, tokenizer):
         temperature=0,
     )
     c = r.choices[0]
-    n_prompt = len(tok.encode(PROMPTS[1]))
+    n_prompt = len(expected["prompt_ids"][PROMPTS[1]])
     assert c.text == PROMPTS[1] and r.usage.completion_tokens == 0
     assert len(c.logprobs.tokens) == n_prompt and c.logprobs.token_logprobs[0] is None
     assert all(v is not None and v <= 0 for v in c.logprobs.token_logprobs[1:])
@@ -316,17 +315,22 @@ def test_n_seed_and_extra_fields(server, client):
         seed=1234,
         extra_body={"best_of": 2, "lora_path": "/nowhere", "user": "u"},
     )
-    a = client.completions.create(**kw)
-    b = client.completions.create(**kw)
-    assert sorted(c.index for c in a.choices) == [0, 1]
-    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: reproducible
-    r = client.completions.create(
+    exact = dict(
         model="SmolLM2-135M-Instruct",
         prompt=PROMPTS[2],
         max_tokens=5,
         temperature=0,
         extra_body={"ignore_eos": True, "min_tokens": 5},
     )
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        a, b = (
+            pool.submit(client.completions.create, **kw),
+            pool.submit(client.completions.create, **kw),
+        )
+        r = pool.submit(client.completions.create, **exact)
+        a, b, r = a.result(), b.result(), r.result()
+    assert sorted(c.index for c in a.choices) == [0, 1]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: reproducible
     assert r.usage.completion_tokens == 5
 
 
@@ -383,14 +387,13 @@ def test_error_statuses(server, client):
 # -- the other endpoints --------------------------------------------------------------------------
 
 
-def test_models_tokenize_detokenize(server, client, tokenizer):
+def test_models_tokenize_detokenize(server, client, expected):
     assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
-    tok = tokenizer
     r = httpx.post(f"{server.url}/tokenize", json={"prompt": PROMPTS[0]}).json()
-    assert r["tokens"] == tok.encode(PROMPTS[0]) and r["count"] == len(r["tokens"])
+    assert r["tokens"] == expected["prompt_ids"][PROMPTS[0]] and r["count"] == len(r["tokens"])
     assert r["max_model_len"] == 512
     r2 = httpx.post(f"{server.url}/tokenize", json={"messages": CHATS[0]}).json()
-    assert r2["tokens"] == tok.apply_chat_template(CHATS[0], add_generation_prompt=True)
+    assert r2["tokens"] == expected["chat_ids"][0]
     d = httpx.post(f"{server.url}/detokenize", json={"tokens": r["tokens"]}).json()
     assert d["prompt"] == PROMPTS[0]
     bad = httpx.post(f"{server.url}/detokenize", json={"tokens": [-1]})
@@ -427,13 +430,13 @@ def test_bench_serving_ci_sized(server, tmp_path):
         "--base-url",
         server.url,
         "--num-prompts",
-        "6",
+        "4",
         "--concurrency",
-        "1,3",
+        "2,4",
         "--random-input-len",
         "12",
         "--random-output-len",
-        "6",
+        "5",
         "--goodput",
         "ttft:60000",
         "tpot:60000",
@@ -443,10 +446,10 @@ def test_bench_serving_ci_sized(server, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     report = json.loads(out.read_text())
-    assert [r["concurrency"] for r in report["runs"]] == [1, 3]
+    assert [r["concurrency"] for r in report["runs"]] == [2, 4]
     for run in report["runs"]:
-        assert run["completed"] == 6 and run["failed"] == 0
-        assert run["output_tokens"] == 36  # ignore_eos: exact lengths
+        assert run["completed"] == 4 and run["failed"] == 0
+        assert run["output_tokens"] == 20  # ignore_eos: exact lengths
         assert run["goodput"] == pytest.approx(run["request_throughput"])
         for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
             q = run[key]
