@@ -14,12 +14,12 @@ Layout:
                           of a[g] and rows r >= rank[g] of b[g] are ignored, whatever they hold.
 
 delta[t] = scale[g] · (x[t] @ a[g][:, :rank[g]]) @ b[g][:rank[g]], accumulated in float32 and
-returned in x.dtype. The caller adds it to the base projection (`x @ W + delta`): on GPU, XLA folds
-that add into the base GEMM's epilogue (beta = 1), so the delta's only extra traffic is its own
-write and the read of x.
+returned in x.dtype. With `base=` (the base projection x @ W, [T, O]) it returns base + delta:
+on GPU the expand kernel adds in place, which saves the separate add pass of `x @ W + delta` (XLA
+0.11 did not fold that add into the GEMM as beta = 1; measured in docs/kernels/lora.md).
 
-Gradients (custom VJP) flow to x, a, b and scale; grads of a and b are exactly zero beyond each
-slot's rank, and zero for empty slots. Nothing flows to group_sizes, rank or slot.
+Gradients (custom VJP) flow to x, a, b, scale and base; grads of a and b are exactly zero beyond
+each slot's rank, and zero for empty slots. Nothing flows to group_sizes, rank or slot.
 
 Paths (`impl`): "reference" (ref_lora_delta: a loop over slots in plain jnp; the test oracle),
 "xla" (two masked dense einsums over all slots: cost grows with G·R, the CPU path and GPU fallback),
@@ -314,6 +314,13 @@ def _megablox_tiling(M: int, K: int, N: int) -> tuple[int, int, int] | None:
     return None if tk is None or tn is None else (128, tk, tn)
 
 
+def _megablox():
+    """jax's megablox kernel module (the package re-exports a function under the same name)."""
+    import importlib
+
+    return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+
+
 class TpuBackend(NamedTuple):
     """jax's megablox gmm/tgmm (Pallas TPU kernels). supports() says which shapes fit."""
 
@@ -324,16 +331,18 @@ class TpuBackend(NamedTuple):
         return all(_megablox_tiling(T, k, n) for k, n in ((I, R), (R, O), (O, R), (R, I)))
 
     def _gmm(self, lhs, w, m, trans, out_dtype):
-        from jax.experimental.pallas.ops.tpu.megablox import gmm
+        gmm = _megablox()
 
         K, N = (w.shape[2], w.shape[1]) if trans else (w.shape[1], w.shape[2])
-        sizes = m.ends - m.starts  # i32[G]; megablox zeroes rows past the groups
-        return gmm.gmm(lhs, w.astype(lhs.dtype), sizes, out_dtype,
-                       _megablox_tiling(lhs.shape[0], K, N), transpose_rhs=trans,
-                       interpret=self.interpret)  # fmt: skip
+        sizes = m.ends - m.starts  # i32[G]
+        out = gmm.gmm(lhs, w.astype(lhs.dtype), sizes, out_dtype,
+                      _megablox_tiling(lhs.shape[0], K, N), transpose_rhs=trans,
+                      interpret=self.interpret)  # fmt: skip
+        # Rows past the groups are not written (NaN in TPU interpret mode): zero them.
+        return jnp.where((m.row_slot < w.shape[0])[:, None], out, jnp.zeros((), out.dtype))
 
     def _tgmm(self, lhs, rhs, m, out_dtype):
-        from jax.experimental.pallas.ops.tpu.megablox import gmm
+        gmm = _megablox()
 
         sizes = m.ends - m.starts
         tiling = _megablox_tiling(lhs.shape[0], lhs.shape[1], rhs.shape[1])

@@ -8,12 +8,12 @@ visit list is a static-length array (ceil(T / block_t) + G entries, the tail cou
 device from group_sizes; surplus visits do nothing.
 
 Kernels:
-- fused forward: per visit, s = x_tile · A_g (a loop over I), masked to the slot's rank, then
-  delta = (scale_g · s) · B_g over blocks of O: x is read once, delta written once, s (f32[T, R],
-  kept for the backward) is tiny. Optionally split into a shrink and an expand launch
-  (LoraGpuConfig.fused_fwd=False).
-- gmm: row t times its slot's matrix, [T, K] x [G, K, N] (or [G, N, K] read transposed) -> [T, N]:
-  the backward's u = dy · B_g^T (a K loop, small N) and dx = du · A_g^T (small K, blocks of N).
+- gmm: row t times its slot's matrix, [T, K] x [G, K, N] (or [G, N, K] read transposed) -> [T, N].
+  The forward is two of them (DEFAULT_CONFIG): shrink s = x · A_g (a K loop, split over programs
+  with float32 partials) and expand delta = (scale_g · s) · B_g (blocks of O; with a base it adds
+  into the base in place). The backward: u = dy · B_g^T (like the shrink) and dx = du · A_g^T.
+- fused forward (FUSED_CONFIG): per visit, the shrink then the expand in one program: x read once
+  and no launch between, but only one program per row tile; it measured slower.
 - tgmm: per slot, sum over its rows of lhs^T rhs -> [G, K, N]: grads of A and B. With few
   programs the slot's rows are split over `splits` programs whose float32 partials XLA sums.
 
