@@ -434,6 +434,10 @@ class Placer(Protocol):
 
     def fuse(self, pieces: list[Any], rec: Recipe) -> Any: ...
 
+    def ready(self, kind: str, arrays: list[Any], arg: Any) -> bool:
+        """Whether `concat(arrays, arg)` / `fuse(arrays, arg)` would run without compiling."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -504,6 +508,11 @@ class DevicePlacer:
             host = np.array(host, copy=True)
         return jax.device_put(host, SingleDeviceSharding(device))
 
+    def ready(self, kind: str, arrays: list[Any], arg: Any) -> bool:
+        key = self._concat_key(arrays, arg) if kind == "concat" else self._fuse_key(arrays, arg)
+        program = self.programs.get(key)
+        return program is None or program.done()
+
     def concat(self, parts: list[jax.Array], axis: int) -> jax.Array:
         program = self.programs.get(self._concat_key(parts, axis))
         return program.result()(parts) if program else _concat(parts, axis=axis)
@@ -526,6 +535,9 @@ class DevicePlacer:
 class HostPlacer:
     def prepare(self, plan: Plan) -> None:
         pass
+
+    def ready(self, kind: str, arrays: list[Any], arg: Any) -> bool:
+        return True
 
     def close(self) -> None:
         pass
@@ -550,21 +562,80 @@ class HostPlacer:
 # --- the load -------------------------------------------------------------------------------------
 
 
+class _Builder:
+    """Turns finished jobs into weights: a job's parts into its shard (concatenated on its device
+    when read in several blocks), a piece's shards into one array, a weight's pieces into the
+    weight. A step whose compiled program is not ready yet waits in `pending`, retried after
+    every block, so the reads never stall behind compilation."""
+
+    def __init__(self, plan: Plan, placer: Placer, stats: LoadStats):
+        self.plan, self.placer, self.stats = plan, placer, stats
+        self.jobs_left: dict[tuple[int, int], int] = {}  # (recipe, piece) → unfinished jobs
+        for job in plan.jobs:
+            key = (job.recipe, job.piece)
+            self.jobs_left[key] = self.jobs_left.get(key, 0) + 1
+        self.shards: dict[tuple[int, int], dict[Any, Any]] = {}
+        self.pieces: dict[int, dict[int, Any]] = {}
+        self.weights: list[Any] = [None] * len(plan.recipes)
+        self.pending: list[tuple[Callable[[], bool], Callable[[], None]]] = []
+
+    def job_done(self, job: _Job) -> None:
+        piece = self.plan.recipes[job.recipe].pieces[job.piece]
+        if job.n_parts > 1 and not self.placer.ready("concat", job.parts, piece.split):
+            self.pending.append(
+                (
+                    lambda: self.placer.ready("concat", job.parts, piece.split),
+                    lambda: self._finish(job),
+                )
+            )
+        else:
+            self._finish(job)
+
+    def _finish(self, job: _Job) -> None:
+        rec = self.plan.recipes[job.recipe]
+        piece = rec.pieces[job.piece]
+        shard = job.parts[0] if job.n_parts == 1 else self.placer.concat(job.parts, piece.split)
+        job.parts = []
+        key = (job.recipe, job.piece)
+        self.shards.setdefault(key, {})[job.device] = shard
+        self.jobs_left[key] -= 1
+        if self.jobs_left[key]:
+            return
+        done = self.pieces.setdefault(job.recipe, {})
+        done[job.piece] = self.placer.assemble(piece.shape, rec.sharding, self.shards.pop(key))
+        if len(done) < len(rec.pieces):
+            return
+        pieces = [done[i] for i in range(len(rec.pieces))]
+        del self.pieces[job.recipe]
+
+        def fuse() -> None:
+            self.weights[job.recipe] = self.placer.fuse(pieces, rec)
+
+        if self.placer.ready("fuse", pieces, rec):
+            fuse()
+        else:
+            self.pending.append((lambda: self.placer.ready("fuse", pieces, rec), fuse))
+
+    def flush(self, wait: bool = False) -> None:
+        """Run the pending steps whose programs are ready (all of them when `wait`)."""
+        while self.pending:
+            ready = [p for p in self.pending if wait or p[0]()]
+            if not ready:
+                return
+            self.pending = [p for p in self.pending if p not in ready]
+            for _, step in ready:
+                step()  # may queue a later step (a concat completes a piece, ...)
+
+
 def _execute(plan: Plan, reader: _Reader, placer: Placer, bar: Any, stats: LoadStats) -> list[Any]:
     """Consume blocks in order; return one value per recipe (its weight, built by `placer`)."""
-    jobs_left: dict[tuple[int, int], int] = {}  # (recipe, piece) → jobs still missing parts
-    for job in plan.jobs:
-        jobs_left[(job.recipe, job.piece)] = jobs_left.get((job.recipe, job.piece), 0) + 1
-    shards: dict[tuple[int, int], dict[Any, Any]] = {}
-    pieces_done: dict[int, dict[int, Any]] = {}
-    weights: list[Any] = [None] * len(plan.recipes)
+    builder = _Builder(plan, placer, stats)
     clock = time.perf_counter
     blocks = iter(reader)
     while True:
         t0 = clock()
         item = next(blocks, None)
-        t1 = clock()
-        stats.wait_s += t1 - t0
+        stats.wait_s += clock() - t0
         if item is None:
             break
         block, views, token = item
@@ -579,31 +650,23 @@ def _execute(plan: Plan, reader: _Reader, placer: Placer, bar: Any, stats: LoadS
                 stats.bytes_transferred += host.nbytes
                 t1 = clock()
                 stats.put_s += t1 - t0
-                if len(job.parts) < job.n_parts:
-                    continue
-                rec = plan.recipes[job.recipe]
-                piece = rec.pieces[job.piece]
-                shard = job.parts[0] if job.n_parts == 1 else placer.concat(job.parts, piece.split)
-                job.parts = []
-                key = (job.recipe, job.piece)
-                shards.setdefault(key, {})[job.device] = shard
-                jobs_left[key] -= 1
-                if not jobs_left[key]:
-                    done = pieces_done.setdefault(job.recipe, {})
-                    done[job.piece] = placer.assemble(piece.shape, rec.sharding, shards.pop(key))
-                    if len(done) == len(rec.pieces):
-                        pieces = [done[i] for i in range(len(rec.pieces))]
-                        weights[job.recipe] = placer.fuse(pieces, rec)
-                        del pieces_done[job.recipe]
-                stats.fuse_s += clock() - t1
+                if len(job.parts) == job.n_parts:
+                    builder.job_done(job)
+                    stats.fuse_s += clock() - t1
         del views
         reader.release(token, sent)
+        t0 = clock()
+        builder.flush()
+        stats.fuse_s += clock() - t0
         if bar is not None:
             bar.update(block.end - block.start)
-    missing = [r.path for r, w in zip(plan.recipes, weights, strict=True) if w is None]
+    t0 = clock()
+    builder.flush(wait=True)
+    stats.fuse_s += clock() - t0
+    missing = [r.path for r, w in zip(plan.recipes, builder.weights, strict=True) if w is None]
     if missing:
         raise ValueError(f"internal: weights {missing[:3]} were never completed")
-    return weights
+    return builder.weights
 
 
 def _local_devices(mesh: Mesh) -> list[Any]:

@@ -354,8 +354,9 @@ class RingReader:
     gives the slot back once `wait(pending)` returns (a releaser thread waits: transfers out of the
     slot must have completed before it is overwritten). Slots are handed out strictly in range
     order, so a consumer that also goes in order can never wait on a range that waits on a slot.
-    `register(address, size)`, when given, is called on each slot before its first read (DMA
-    registration, e.g. PJRT's `client.dma_map`), so the slow pinning overlaps the first reads;
+    `register(address, size)`, when given, is called on each slot after its first read and before
+    the consumer sees it (DMA registration, e.g. PJRT's `client.dma_map`), by the reader threads,
+    so the pinning overlaps the reads;
     `unregister(address)` undoes it at close. A short read (the file changed since it was opened)
     raises, in the consumer, a one-line ValueError naming the file.
     """
@@ -445,8 +446,10 @@ class RingReader:
                     with contextlib.suppress(queue.Empty):
                         slot = self.free.get(timeout=0.05)
             try:
-                self._register(slot)
+                # Read first, register after: the read faults the slot's pages in with the GIL
+                # released, so the registration (which holds it) only pins resident pages.
                 result: Any = (slot, self._read(i, slot))
+                self._register(slot)
             except BaseException as e:  # delivered to the consumer, which raises it
                 result = e
             with self.cond:

@@ -15,11 +15,18 @@ import pytest
 
 from rtpjax.config import ModelConfig
 from rtpjax.models import llama
-from rtpjax.models.params import info_leaves
+from rtpjax.models.params import info_leaves, is_info
 from rtpjax.sharding import rules
 from rtpjax.sharding.mesh import make_mesh
 from rtpjax.weights.checkpoint import load_model, open_checkpoint
-from rtpjax.weights.fast_loader import LoadOptions, load_params_fast, make_plan, read_local_shards
+from rtpjax.weights.fast_loader import (
+    DevicePlacer,
+    LoadOptions,
+    load_params_fast,
+    make_plan,
+    read_local_shards,
+    run_plan,
+)
 from rtpjax.weights.gguf_file import read_gguf
 from rtpjax.weights.loader import load_params, recipes
 from rtpjax.weights.safetensors_io import SafetensorsCheckpoint, drop_from_page_cache, save_file
@@ -114,6 +121,27 @@ def test_plan_reads_in_file_order_in_bounded_blocks():
         entries = sorted(f.entries.values(), key=lambda e: e.offset)
         assert spans[0][0] == entries[0].offset
         assert spans[-1][1] == entries[-1].offset + entries[-1].nbytes
+
+
+def test_weights_waiting_for_their_programs_complete_at_the_end():
+    """A fusion or concatenation whose program is still compiling waits without stalling reads;
+    with programs never ready until the end, every weight is built in the final flush."""
+
+    class Slow(DevicePlacer):
+        def ready(self, kind, arrays, arg):
+            return False
+
+    d = MODELS / "llama3_gqa4"
+    src = SafetensorsCheckpoint(d)
+    cfg = ModelConfig.from_hf(d).with_tensor_parallel(2)
+    mesh = make_mesh(tensor_parallel_size=2)
+    plan_recipes = recipes(
+        cfg, llama.spec(cfg, jnp.bfloat16), rules.shardings(llama.spec(cfg, jnp.bfloat16), mesh)
+    )
+    plan = make_plan(src, plan_recipes, list(mesh.devices.flat), block_bytes=4096)
+    weights, _ = run_plan(src, plan, Slow(), TIGHT)
+    _, treedef = jax.tree.flatten(llama.spec(cfg, jnp.bfloat16), is_leaf=is_info)
+    assert_same_params(load_params(src, cfg, jnp.bfloat16, mesh), treedef.unflatten(weights))
 
 
 def test_host_memory_is_a_bounded_ring():
