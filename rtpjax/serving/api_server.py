@@ -47,6 +47,7 @@ logger = logging.getLogger("rtpjax.serving")
 
 # Prompts longer than this many characters are tokenized off the event loop.
 _OFFLOOP_CHARS = 8192
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -430,7 +431,12 @@ def build_app(
     async def _on_invalid(request: Request, e: RequestValidationError):
         errors = e.errors()
         first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        # Union members appear in pydantic's location as type tags ("str", "list[int]"): drop them.
+        loc = [
+            str(x)
+            for x in first.get("loc", ())
+            if x != "body" and not (isinstance(x, str) and ("[" in x or x in _TYPE_TAGS))
+        ]
         if first.get("type") == "json_invalid":
             return _error_response(
                 P.APIError(

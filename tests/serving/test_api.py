@@ -360,6 +360,8 @@ def test_error_statuses(server, client):
         headers={"content-type": "application/json"},
     )
     assert r.status_code == 400 and _error(r)["code"] == "invalid_json"
+    r = httpx.post(f"{url}/completions", json={"prompt": None})
+    assert r.status_code == 400 and _error(r)["param"] == "prompt"
     r = httpx.post(f"{url}/completions", json={"prompt": "x", "max_tokens": "many"})
     assert r.status_code == 400 and _error(r)["param"] == "max_tokens"
     r = httpx.post(f"{url}/chat/completions", json={"messages": [], "max_tokens": 2})
