@@ -288,7 +288,7 @@ def make_plan(
 
 
 def _attach_parts(seg: _Segment, jobs: list[_Job]) -> None:
-    piece, split, r = seg.piece, seg.piece.split, seg.piece.repeat
+    split, r = seg.piece.split, seg.piece.repeat
     for job in jobs:
         lo, hi = job.src_box[split]
         u0, u1 = max(lo, seg.s0), min(hi, seg.s1)
@@ -314,7 +314,6 @@ def _attach_parts(seg: _Segment, jobs: list[_Job]) -> None:
         if take is not None:
             shape[0] = len(take)
         job.part_shapes.append(tuple(shape))
-    del piece
 
 
 # --- readers: blocks in order, each as one array per segment --------------------------------------
