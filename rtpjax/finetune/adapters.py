@@ -25,12 +25,10 @@ from rtpjax.config import ModelConfig
 from rtpjax.finetune.config import AdapterConfig, FinetuneConfig, TaskConfig
 from rtpjax.layers.lora import (
     TARGETS,
-    AdapterWeights,
     LoraLayout,
-    LoraWeights,
-    dora_magnitude_init,
     target_shape,
 )
+from rtpjax.models import llama
 
 FAMILIES = ("adamw", "sgd", "lion")
 
@@ -144,48 +142,52 @@ def adapter_seed(task_name: str, a: AdapterConfig, run_seed: int) -> int:
     return (zlib.crc32(task_name.encode()) ^ (a.seed * 7919) ^ (run_seed * 104729)) & 0x7FFFFFFF
 
 
-def init_slot_weights(
+def init_slot_flat(
     layout: LoraLayout, model: ModelConfig, base: Any, a: AdapterConfig, seed: int | jax.Array
-) -> AdapterWeights:
-    """One slot's initial weights (no slot axis): PEFT's default init, A ~ U(±1/sqrt(in))
-    (kaiming-uniform with a=sqrt(5)), B = 0, DoRA magnitude = ‖W‖ per output row. Columns past the
-    adapter's rank and projections it does not target are zero."""
+) -> jax.Array:
+    """One slot's initial weights as its flat f32[P] row of the bank (layout.flatten order).
+
+    PEFT's default init: A ~ U(±1/sqrt(in)) (kaiming-uniform with a=sqrt(5)), B = 0, DoRA
+    magnitude = ‖W‖ per output row. Columns past the adapter's rank and projections it does not
+    target are zero. Generated a projection at a time for all layers (a few ops to compile)."""
     key = jax.random.PRNGKey(seed)
-    rank_live = (np.arange(layout.rank) < a.rank).astype(np.float32)  # f32[R]
-    out = []
-    for i in range(layout.num_layers):
-        layer = {}
-        for t in layout.targets:
-            I, O = target_shape(model, t)
-            on = t in a.target_modules
-            k = jax.random.fold_in(key, i * len(TARGETS) + TARGETS.index(t))
-            bound = 1.0 / np.sqrt(I)
-            A = jax.random.uniform(k, (I, layout.rank), jnp.float32, -bound, bound)
-            A = A * jnp.asarray(rank_live)[None, :] * float(on)
-            B = jnp.zeros((layout.rank, O), jnp.float32)
-            m = None
-            if layout.dora:
-                m = dora_magnitude_init(base_weight(base, model, i, t), 1)[0]
-            layer[t] = LoraWeights(A, B, m)
-        out.append(layer)
-    return out
+    L, R = layout.num_layers, layout.rank
+    rank_live = jnp.asarray((np.arange(R) < a.rank).astype(np.float32))  # f32[R]
+    fields: dict[str, dict[str, jax.Array]] = {}
+    for t in layout.targets:
+        I, O = target_shape(model, t)
+        k = jax.random.fold_in(key, TARGETS.index(t))
+        bound = 1.0 / np.sqrt(I)
+        A = jax.random.uniform(k, (L, I, R), jnp.float32, -bound, bound)  # f32[L, I, R]
+        A = A * rank_live * float(t in a.target_modules)
+        fields[t] = {"a": A, "b": jnp.zeros((L, R, O), jnp.float32)}
+        if layout.dora:
+            w = base_weights(base, model, t).astype(jnp.float32)  # [L, O, I]
+            fields[t]["m"] = jnp.sqrt(jnp.sum(w * w, axis=-1))  # f32[L, O]
+    # Walk one layer's template so the order is exactly layout.flatten's.
+    paths, _ = jax.tree_util.tree_flatten_with_path(layout.template(model)[0])
+    cols = [fields[p[0].key][p[1].name].reshape(L, -1) for p, _ in paths]
+    return jnp.concatenate(cols, axis=1).reshape(-1)  # [L, P/L] → [P], layer-major
 
 
-def base_weight(base: Any, model: ModelConfig, layer: int, target: str) -> jax.Array:
-    """The frozen base weight of a projection in HF's [out, in] layout."""
-    L = base.layers[layer]
+def base_weights(base: Any, model: ModelConfig, target: str) -> jax.Array:
+    """A projection's frozen weight in every layer, HF's [out, in] layout: [L, O, I]."""
+    layers = base.layers
+    if not isinstance(layers, llama.Layer):
+        layers = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
     G = model.q_per_kv
+    L = model.num_layers
     if target in ("q_proj", "k_proj", "v_proj"):
-        part = {"q_proj": slice(0, G), "k_proj": G, "v_proj": G + 1}[target]
-        w = L.w_qkv[:, part]
-        return w.reshape(-1, w.shape[-1])
+        part = {"q_proj": slice(0, G), "k_proj": slice(G, G + 1), "v_proj": slice(G + 1, G + 2)}
+        w = layers.w_qkv[:, :, part[target]]  # [L, K, g, H, D]
+        return w.reshape(L, -1, w.shape[-1])
     if target == "o_proj":
-        return L.w_o.reshape(L.w_o.shape[0], -1)
+        return layers.w_o.reshape(L, layers.w_o.shape[1], -1)
     if target == "gate_proj":
-        return L.w_gate_up[0]
+        return layers.w_gate_up[:, 0]
     if target == "up_proj":
-        return L.w_gate_up[1]
-    return L.w_down
+        return layers.w_gate_up[:, 1]
+    return layers.w_down
 
 
 # ------------------------------------------------------------------------------ memory estimate

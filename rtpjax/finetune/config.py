@@ -265,7 +265,7 @@ class FinetuneConfig:
     model: str | None = None  # HF directory or GGUF file; null: the embedded default model
     tokenizer: str | None = None  # null: the model's; "bytes": UTF-8 bytes (tiny test models)
     dtype: str = "auto"  # base weights: auto | float32 | bfloat16
-    output_dir: str = "runs/finetune"
+    output_dir: str = "runs/finetune"  # relative to the working directory (data paths: the YAML)
     seed: int = 0
     dispatcher: DispatcherConfig = DispatcherConfig()
     trainer: TrainerConfig = TrainerConfig()

@@ -82,22 +82,65 @@ class StepOptions:
 # ------------------------------------------------------------------------------------ forward
 
 
+def stack_layers(params: llama.Params) -> llama.Params:
+    """The base with its layers stacked on a leading axis [L, ...]: the trainer's layout, which
+    `hidden_states` runs as one lax.scan over layers (one layer to compile, not L)."""
+    return params.replace(layers=jax.tree.map(lambda *xs: jnp.stack(xs), *params.layers))
+
+
 def hidden_states(
     base: llama.Params,
-    cfg: ModelConfig,
-    tokens: jax.Array,
-    positions: jax.Array,
-    attention: RowAttention,
-    meta: RowMeta,
-    adapters: MultiLora,
-    remat: bool,
+    flat: jax.Array,
+    slots: SlotParams,
+    batch: Batch,
+    key: jax.Array | None,
+    opts: StepOptions,
 ) -> jax.Array:
-    """tokens, positions: i32[T] → final-normed hidden [T, D]. With `remat` each layer is
-    recomputed in the backward pass (only its input is kept), as llama.forward's loop would run."""
-    L = cfg.num_layers
-    if not remat:
+    """The batch through the base with every row's adapter → final-normed hidden [B·S, D].
+
+    Stacked base layers (stack_layers) run as a scan over layers, each layer's adapters sliced
+    from the flat bank; a list of layers runs llama.forward itself (the reference the scan is
+    tested against). With `opts.remat` each layer is recomputed in the backward pass."""
+    cfg, layout = opts.cfg, opts.layout
+    S = batch.tokens.shape[1]
+    G, L = layout.num_slots, cfg.num_layers
+    tokens, positions = batch.tokens.reshape(-1), batch.positions.reshape(-1)
+    tok_slot = jnp.repeat(batch.row_slot, S)  # i32[T]
+    rows = jnp.bincount(jnp.where(batch.row_slot < 0, G, batch.row_slot), length=G + 1)[:G]
+    group_sizes = (rows * S).astype(jnp.int32)  # i32[G]: rows are sorted by slot
+    attention = _attention(opts, S)
+    meta = RowMeta(batch.segments.reshape(-1))
+
+    def adapters(weights: AdapterWeights, offset) -> MultiLora:
+        return MultiLora(
+            layout,
+            weights,
+            slots,
+            tok_slot,
+            group_sizes=group_sizes,
+            key=key,
+            impl=opts.lora_impl,
+            layer_offset=offset,
+        )
+
+    if isinstance(base.layers, llama.Layer):  # stacked
+        x = jnp.take(base.embed, tokens, axis=0)  # [T, D]
+        cos, sin = cos_sin(positions, inv_freq(cfg), x.dtype)
+        per_layer = flat.reshape(G, L, -1).swapaxes(0, 1)  # f32[L, G, P/L]
+
+        def body(x, xs):
+            layer, w, i = xs
+            ad = adapters(layout.unflatten(w, cfg, layers=1), i)
+            return llama.block(layer, cfg, x, cos, sin, None, meta, attention, ad, 0)[0], None
+
+        if opts.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, (base.layers, per_layer, jnp.arange(L)))
+        return rms_norm(x, base.final_norm, cfg.rms_norm_eps)
+    ad = adapters(layout.unflatten(flat, cfg), 0)
+    if not opts.remat:
         x, _, _ = llama.forward(
-            base, cfg, tokens, positions, [None] * L, meta, attention, adapters=adapters
+            base, cfg, tokens, positions, [None] * L, meta, attention, adapters=ad
         )
         return x
     x = jnp.take(base.embed, tokens, axis=0)  # [T, D]
@@ -105,7 +148,7 @@ def hidden_states(
     for i, layer in enumerate(base.layers):
 
         def run(x, layer, i=i):
-            return llama.block(layer, cfg, x, cos, sin, None, meta, attention, adapters, i)[0]
+            return llama.block(layer, cfg, x, cos, sin, None, meta, attention, ad, i)[0]
 
         with jax.named_scope(f"layer{i}"):
             x = jax.checkpoint(run, prevent_cse=False)(x, layer)
@@ -136,28 +179,6 @@ def token_losses(
     return ce.reshape(-1)[:T], ok.reshape(-1)[:T]
 
 
-def _adapters(
-    opts: StepOptions,
-    weights: AdapterWeights,
-    slots: SlotParams,
-    batch: Batch,
-    key: jax.Array | None,
-) -> MultiLora:
-    S = batch.tokens.shape[1]
-    G = opts.layout.num_slots
-    tok_slot = jnp.repeat(batch.row_slot, S)  # i32[T]
-    rows = jnp.bincount(jnp.where(batch.row_slot < 0, G, batch.row_slot), length=G + 1)[:G]
-    return MultiLora(
-        opts.layout,
-        weights,
-        slots,
-        tok_slot,
-        group_sizes=(rows * S).astype(jnp.int32),
-        key=key,
-        impl=opts.lora_impl,
-    )
-
-
 def _attention(opts: StepOptions, S: int) -> RowAttention:
     cfg = opts.cfg
     return RowAttention(
@@ -171,25 +192,14 @@ def _attention(opts: StepOptions, S: int) -> RowAttention:
 
 def per_token(
     base: llama.Params,
-    weights: AdapterWeights,
+    flat: jax.Array,
     slots: SlotParams,
     batch: Batch,
     key: jax.Array | None,
     opts: StepOptions,
 ) -> tuple[jax.Array, jax.Array]:
     """Cross-entropy f32[T] and argmax-correct bool[T] of every token of the batch."""
-    S = batch.tokens.shape[1]
-    adapters = _adapters(opts, weights, slots, batch, key)
-    hidden = hidden_states(
-        base,
-        opts.cfg,
-        batch.tokens.reshape(-1),
-        batch.positions.reshape(-1),
-        _attention(opts, S),
-        RowMeta(batch.segments.reshape(-1)),
-        adapters,
-        opts.remat,
-    )
+    hidden = hidden_states(base, flat, slots, batch, key, opts)
     return token_losses(base, hidden, batch.targets.reshape(-1), opts.loss_chunk)
 
 
@@ -203,8 +213,7 @@ def loss_fn(
 ) -> tuple[jax.Array, jax.Array]:
     """flat: f32[G, P] adapter weights → (Σ_t weights·ce: the sum over slots of each slot's share
     of its mean loss, loss per slot f32[G])."""
-    weights = opts.layout.unflatten(flat, opts.cfg)
-    ce, _ = per_token(base, weights, slots, batch, key, opts)
+    ce, _ = per_token(base, flat, slots, batch, key, opts)
     G = opts.layout.num_slots
     w = batch.weights.reshape(-1)
     tok_slot = jnp.repeat(batch.row_slot, batch.tokens.shape[1])
@@ -329,8 +338,7 @@ def eval_step(
     """Per row: (Σ ce over target tokens f32[B], target tokens f32[B], every target token argmax-
     correct bool[B]). All-correct under teacher forcing is exactly greedy generation reproducing
     the answer (each greedy step then sees the true prefix)."""
-    weights = opts.layout.unflatten(flat, opts.cfg)
-    ce, ok = per_token(base, weights, slots, batch, None, opts)
+    ce, ok = per_token(base, flat, slots, batch, None, opts)
     B, S = batch.tokens.shape
     m = (batch.weights > 0).reshape(B, S)
     ce, ok = ce.reshape(B, S), ok.reshape(B, S)

@@ -164,6 +164,8 @@ class Trainer:
     def __init__(self, cfg: FinetuneConfig, base: Base | None = None, *, resume: bool = True):
         self.cfg = cfg
         self.base = base or load_base(cfg)
+        if not isinstance(self.base.params.layers, llama.Layer):
+            self.base.params = st.stack_layers(self.base.params)  # one scan over layers
         mcfg = self.base.config
         if mcfg.kv_head_replication != 1:
             raise ValueError("fine-tuning needs the checkpoint's own KV heads (tensor_parallel 1)")
@@ -179,7 +181,7 @@ class Trainer:
             packed=any(t.packing for t in cfg.tasks),
             loss_chunk=cfg.trainer.loss_chunk,
         )
-        self.out = cfg.resolve(cfg.output_dir)
+        self.out = os.path.abspath(cfg.output_dir)  # relative to the working directory
         os.makedirs(self.out, exist_ok=True)
         self.tasks = self._make_tasks()
         itemsize = jnp.dtype(self.base.params.embed.dtype).itemsize
@@ -503,8 +505,7 @@ def _install(
 ) -> st.TrainState:
     """Start a task in `slot`: fresh PEFT-style weights, fresh optimizer states (its own family's
     with its hyperparameters), cleared accumulators."""
-    tree = ad.init_slot_weights(opts.layout, opts.cfg, base, adapter, seed)
-    flat = opts.layout.flatten(jax.tree.map(lambda x: x[None], tree))[0]  # f32[P]
+    flat = ad.init_slot_flat(opts.layout, opts.cfg, base, adapter, seed)  # f32[P]
     put = lambda bank, new: bank.at[slot].set(new)
     opt = {}
     for f in state.opt:

@@ -111,9 +111,16 @@ class LoraLayout:
             [x.reshape(x.shape[0], -1) for x in jax.tree.leaves(weights)], axis=1
         )
 
-    def unflatten(self, flat: jax.Array, cfg: ModelConfig) -> AdapterWeights:
-        """Inverse of `flatten`; works on one slot's [P] vector too (no slot axis)."""
-        leaves, treedef = jax.tree.flatten(self.template(cfg))
+    def unflatten(
+        self, flat: jax.Array, cfg: ModelConfig, layers: int | None = None
+    ) -> AdapterWeights:
+        """Inverse of `flatten`; works on one slot's [P] vector too (no slot axis). `layers`
+        unflattens a prefix of that many layers (P = that many layers' parameters): every layer
+        has the same layout, so [G, P] reshapes to [G, L, P / L] and each row is one layer."""
+        template = self.template(cfg)
+        if layers is not None:
+            template = template[:layers]
+        leaves, treedef = jax.tree.flatten(template)
         out, i = [], 0
         lead = flat.shape[:-1]
         for x in leaves:
@@ -186,8 +193,12 @@ class MultiLora:
         group_sizes: jax.Array | None = None,
         key: jax.Array | None = None,
         impl: str = "auto",
+        layer_offset: int | jax.Array = 0,
     ):
         self.layout = layout
+        # `weights` may hold a window of the layers (one, inside a scan over layers): layer i of
+        # the model is weights[i - layer_offset]; the offset only matters for dropout's stream.
+        self.layer_offset = layer_offset
         self.weights = weights
         self.slots = slots
         self.slot = slot  # i32[T]
@@ -212,7 +223,8 @@ class MultiLora:
     def _dropout(self, layer: int, target: str, x: jax.Array) -> jax.Array:
         if self.key is None or not self.layout.dropout or self.slots.dropout is None:
             return x
-        key = jax.random.fold_in(self.key, layer * len(TARGETS) + TARGETS.index(target))
+        key = jax.random.fold_in(self.key, self.layer_offset + layer)
+        key = jax.random.fold_in(key, TARGETS.index(target))
         G = self.layout.num_slots
         p = jnp.where(self.slot >= 0, self.slots.dropout[jnp.clip(self.slot, 0, G - 1)], 0.0)
         keep = jax.random.uniform(key, x.shape) >= p[:, None]  # bool[T, I]
