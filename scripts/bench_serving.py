@@ -27,6 +27,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import random
 import ssl
 import statistics
@@ -421,7 +422,14 @@ def print_table(runs: list[dict]) -> None:
 def _git_commit() -> str | None:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            [
+                "git",
+                "-C",
+                os.path.dirname(os.path.abspath(__file__)),
+                "rev-parse",
+                "--short",
+                "HEAD",
+            ],
             capture_output=True,
             text=True,
             timeout=5,

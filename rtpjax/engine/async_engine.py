@@ -148,7 +148,8 @@ class AsyncLLMEngine:
         self._thread: threading.Thread | None = None
         self._accepting = True
         self.error: str | None = None  # set when a step failed (the last failure's message)
-        self.snapshot = self._take_snapshot()
+        # Zeros until the engine thread publishes its first snapshot (it does so at once).
+        self.snapshot = EngineSnapshot(*(0,) * len(EngineSnapshot._fields))
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -244,6 +245,7 @@ class AsyncLLMEngine:
 
     def _run(self) -> None:
         try:
+            self.snapshot = self._take_snapshot()
             while True:
                 busy = self.engine.has_unfinished_requests()
                 if not self._apply_commands(block=not busy):
@@ -257,7 +259,8 @@ class AsyncLLMEngine:
             self._fail_all(EngineDeadError(self.error))
         finally:
             self._accepting = False
-            self.snapshot = self._take_snapshot()
+            with contextlib.suppress(Exception):  # a broken engine may fail here too
+                self.snapshot = self._take_snapshot()
             self._drain_after_stop()
 
     def _apply_commands(self, block: bool) -> bool:

@@ -39,10 +39,12 @@ class FakeEngine:
 
     @property
     def scheduler(self):
+        self._touch()
         return SimpleNamespace(num_running=len(self.running), num_waiting=len(self.waiting))
 
     @property
     def block_manager(self):
+        self._touch()
         used = 2 * len(self.running)
         return SimpleNamespace(num_used_pages=used, num_free_pages=100 - used, num_pages=101)
 
@@ -54,6 +56,7 @@ class FakeEngine:
 
     @property
     def num_unfinished_requests(self) -> int:
+        self._touch()
         return len(self.reqs)
 
     def has_unfinished_requests(self) -> bool:
