@@ -402,7 +402,10 @@ class LLMEngine:
                 lps = None if lps is None else lps[s.sent_tokens :]
                 s.sent_tokens, s.sent_chars = len(s.seq.output_token_ids), len(s.text)
             else:
+                # Copies: the engine keeps appending to its own lists after this output is handed
+                # to another thread.
                 ids = list(ids)
+                lps = None if lps is None else list(lps)
             outs.append(
                 CompletionOutput(
                     index=s.index,
@@ -418,7 +421,7 @@ class LLMEngine:
             req.request_id,
             req.prompt,
             req.prompt_token_ids,
-            req.prompt_logprobs,
+            None if req.prompt_logprobs is None else list(req.prompt_logprobs),
             outs,
             req.finished,
             req.metrics,
