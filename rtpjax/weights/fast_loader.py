@@ -22,41 +22,58 @@ RTP-LLM's recipe, on JAX. The host never holds a copy of the model:
 Any error (a short read, a bad shape) stops the readers and raises before a parameter is returned.
 Sources other than safetensors (GGUF, Orbax as HF tensors) take the same path with tensors produced
 by a reader thread instead of read from disk.
+
+The plan lives in `load_plan`, the placers in `placers`; this module reads and transfers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import gc
 import logging
-import math
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from rtpjax.config import ModelConfig
 from rtpjax.models import llama
 from rtpjax.models.params import is_info
-from rtpjax.sharding import rules
 from rtpjax.sharding.mesh import make_mesh
-from rtpjax.weights.loader import Piece, Recipe, TensorSource, check_names, check_shapes, recipes
+from rtpjax.weights.load_plan import Block, Job, Plan, make_plan, prepare_recipes
+from rtpjax.weights.loader import Piece, Recipe, TensorSource
+from rtpjax.weights.placers import DevicePlacer, HostPlacer, Placer
 from rtpjax.weights.safetensors_io import (
     ALIGN,
     RingReader,
     SafetensorsCheckpoint,
     resident_fraction,
 )
+
+__all__ = [
+    "IO_MODES",
+    "DevicePlacer",
+    "HostPlacer",
+    "LoadOptions",
+    "LoadStats",
+    "Piece",
+    "Placer",
+    "Plan",
+    "Recipe",
+    "load_params_fast",
+    "make_plan",
+    "read_local_shards",
+    "run_plan",
+]
+
 
 logger = logging.getLogger("rtpjax.weights")
 
@@ -123,204 +140,11 @@ class LoadStats:
         )
 
 
-# --- the plan: which bytes, in which order, go to which device ------------------------------------
-
-
-@dataclasses.dataclass(eq=False)
-class _Job:
-    """One piece's shard on one device: its box in piece coordinates and in the tensor's."""
-
-    recipe: int
-    piece: int
-    device: Any
-    box: tuple[tuple[int, int], ...]  # [start, stop) per axis of piece.shape
-    src_box: tuple[tuple[int, int], ...]  # the same in src_shape (axis 0 divided by repeat)
-    parts: list[Any] = dataclasses.field(default_factory=list)
-    n_parts: int = 0
-    part_shapes: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Part:
-    """What of one segment goes to one job: `index` into the segment's array, then `take` along
-    axis 0 (repeated KV heads)."""
-
-    job: _Job
-    index: tuple[slice, ...]
-    take: np.ndarray | None
-
-    def extract(self, segment: np.ndarray) -> np.ndarray:
-        x = segment[self.index]
-        if self.take is not None:
-            x = np.take(x, self.take, axis=0)
-        # Strided shards (a column range of each row: w_o, w_down under tensor parallelism) are
-        # gathered here; everything else is transferred straight from the read buffer.
-        return x if x.flags.c_contiguous else np.ascontiguousarray(x)
-
-
-@dataclasses.dataclass(eq=False)
-class _Segment:
-    """Rows [s0, s1) along the piece's split axis of one tensor, and who needs them."""
-
-    piece: Piece
-    dtype: np.dtype
-    s0: int
-    s1: int
-    start: int  # byte range in the file (safetensors), or in the tensor (other sources)
-    end: int
-    parts: list[_Part] = dataclasses.field(default_factory=list)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        shape = list(self.piece.src_shape)
-        shape[self.piece.split] = self.s1 - self.s0
-        return tuple(shape)
-
-
-@dataclasses.dataclass(eq=False)
-class _Block:
-    """One read: a contiguous byte range of one file (or one tensor of another source)."""
-
-    file: str  # a file path, or a tensor name for sources that are not safetensors
-    start: int
-    end: int
-    segments: list[_Segment]
-
-
-@dataclasses.dataclass
-class Plan:
-    recipes: list[Recipe]
-    jobs: list[_Job]
-    blocks: list[_Block]
-    bytes_needed: int  # tensor bytes the local devices hold (each tensor counted once)
-    dtypes: dict[str, np.dtype] | None = None  # per tensor, when known before reading
-
-    @property
-    def bytes_read(self) -> int:
-        return sum(b.end - b.start for b in self.blocks)
-
-
-def _box(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    return tuple(sl.indices(n)[:2] for sl, n in zip(index, shape, strict=True))
-
-
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return [(lo, hi) for lo, hi in out]
-
-
-def make_plan(
-    source: TensorSource,
-    plan_recipes: list[Recipe],
-    devices: Sequence[Any],
-    block_bytes: int,
-    gap_bytes: int = 1 << 20,
-) -> Plan:
-    """Jobs for `devices` (this process's), and the blocks that feed them in on-disk order."""
-    local = set(devices)
-    jobs: list[_Job] = []
-    by_tensor: dict[str, list[_Job]] = {}
-    pieces: dict[str, Piece] = {}
-    for ri, rec in enumerate(plan_recipes):
-        for pi, piece in enumerate(rec.pieces):
-            pieces[piece.name] = piece
-            r = piece.repeat
-            for device, index in rec.sharding.devices_indices_map(piece.shape).items():
-                if device not in local:
-                    continue
-                box = _box(index, piece.shape)
-                (a, b), rest = box[0], box[1:]
-                src_box = ((a // r, (b - 1) // r + 1), *rest)
-                job = _Job(ri, pi, device, box, src_box)
-                jobs.append(job)
-                by_tensor.setdefault(piece.name, []).append(job)
-
-    files = isinstance(source, SafetensorsCheckpoint)
-    if files:
-        rank = {f.path: i for i, f in enumerate(source.files)}
-        entries = {n: source.entry(n) for n in by_tensor}
-        order = sorted(by_tensor, key=lambda n: (rank[entries[n].file], entries[n].offset))
-    else:
-        position = {n: i for i, n in enumerate(source.tensor_names())}
-        order = sorted(by_tensor, key=lambda n: position[n])
-
-    blocks: list[_Block] = []
-    needed = 0
-    for name in order:
-        piece, tensor_jobs = pieces[name], by_tensor[name]
-        split = piece.split
-        if files:
-            entry = entries[name]
-            dtype, file, base = entry.dtype, entry.file, entry.offset
-            if math.prod(entry.shape) != math.prod(piece.src_shape):
-                raise ValueError(
-                    f"{file}: tensor {name!r} has shape {entry.shape}, expected {piece.hf_shape}"
-                )
-        else:
-            dtype, file, base = np.dtype(np.float32), name, 0  # dtype is known once produced
-        stride = math.prod(piece.src_shape[split + 1 :]) * dtype.itemsize
-        step = max(1, block_bytes // stride) if files else piece.src_shape[split]
-        for lo, hi in _merge([j.src_box[split] for j in tensor_jobs]):
-            needed += (hi - lo) * stride
-            for s0 in range(lo, hi, step):
-                s1 = min(s0 + step, hi)
-                seg = _Segment(piece, dtype, s0, s1, base + s0 * stride, base + s1 * stride)
-                _attach_parts(seg, tensor_jobs)
-                last = blocks[-1] if blocks else None
-                if (
-                    files
-                    and last is not None
-                    and last.file == file
-                    and 0 <= seg.start - last.end <= gap_bytes
-                    and seg.end - last.start <= block_bytes
-                ) or (not files and last is not None and last.file == file):
-                    last.segments.append(seg)
-                    last.end = seg.end
-                else:
-                    blocks.append(_Block(file, seg.start, seg.end, [seg]))
-    dtypes = {n: entries[n].dtype for n in entries} if files else None
-    return Plan(plan_recipes, jobs, blocks, needed, dtypes)
-
-
-def _attach_parts(seg: _Segment, jobs: list[_Job]) -> None:
-    split, r = seg.piece.split, seg.piece.repeat
-    for job in jobs:
-        lo, hi = job.src_box[split]
-        u0, u1 = max(lo, seg.s0), min(hi, seg.s1)
-        if u0 >= u1:
-            continue
-        index = [slice(a, b) for a, b in job.src_box]
-        index[split] = slice(u0 - seg.s0, u1 - seg.s0)
-        take = None
-        if r > 1:
-            a, b = job.box[0]
-            if split == 0:  # only the heads of this segment
-                a, b = max(a, u0 * r), min(b, u1 * r)
-            first, last = a // r, (b - 1) // r + 1
-            shift = seg.s0 if split == 0 else 0
-            index[0] = slice(first - shift, last - shift)
-            take = np.arange(a, b) // r - first
-            if len(take) == 1:  # one head: a plain slice, no gather
-                index[0] = slice(index[0].start + int(take[0]), index[0].start + int(take[0]) + 1)
-                take = None
-        seg.parts.append(_Part(job, tuple(index), take))
-        job.n_parts += 1
-        shape = [sl.stop - sl.start for sl in index]
-        if take is not None:
-            shape[0] = len(take)
-        job.part_shapes.append(tuple(shape))
-
-
 # --- readers: blocks in order, each as one array per segment --------------------------------------
 
 
 class _Reader(Protocol):
-    def __iter__(self) -> Iterator[tuple[_Block, list[np.ndarray], Any]]: ...
+    def __iter__(self) -> Iterator[tuple[Block, list[np.ndarray], Any]]: ...
 
     def release(self, token: Any, arrays: list[Any]) -> None: ...
 
@@ -330,7 +154,7 @@ class _Reader(Protocol):
 class _FileReader:
     """Blocks of safetensors files through a `RingReader`, as one array per segment."""
 
-    def __init__(self, blocks: list[_Block], opts: LoadOptions, direct: bool, client: Any):
+    def __init__(self, blocks: list[Block], opts: LoadOptions, direct: bool, client: Any):
         self.blocks = blocks
         self.ring = RingReader(
             [(b.file, b.start, b.end) for b in blocks],
@@ -352,7 +176,7 @@ class _FileReader:
     def nbytes(self) -> int:
         return self.ring.nbytes
 
-    def __iter__(self) -> Iterator[tuple[_Block, list[np.ndarray], Any]]:
+    def __iter__(self) -> Iterator[tuple[Block, list[np.ndarray], Any]]:
         for block, (slot, data) in zip(self.blocks, self.ring, strict=True):
             views = [
                 data[seg.start - block.start : seg.end - block.start]
@@ -373,7 +197,7 @@ class _SourceReader:
     """Tensors of any TensorSource (GGUF dequantised, Orbax, ...), produced in source order by a
     thread, at most `ahead` tensors ahead of the transfers."""
 
-    def __init__(self, source: TensorSource, blocks: list[_Block], ahead: int = 2):
+    def __init__(self, source: TensorSource, blocks: list[Block], ahead: int = 2):
         self.source, self.blocks = source, blocks
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=ahead)
         self.stop = threading.Event()
@@ -395,7 +219,7 @@ class _SourceReader:
             if self.stop.is_set() or isinstance(item, BaseException):
                 return
 
-    def __iter__(self) -> Iterator[tuple[_Block, list[np.ndarray], Any]]:
+    def __iter__(self) -> Iterator[tuple[Block, list[np.ndarray], Any]]:
         for block in self.blocks:
             item = self.queue.get()
             if isinstance(item, BaseException):
@@ -414,148 +238,6 @@ class _SourceReader:
     def close(self) -> None:
         self.stop.set()
         self.thread.join()
-
-
-# --- placers: where the parts go ------------------------------------------------------------------
-
-
-class Placer(Protocol):
-    """Puts parts on devices and builds weights from them. `DevicePlacer` makes jax.Arrays;
-    `HostPlacer` keeps per-device numpy shards (a simulated host of a multi-host run)."""
-
-    def prepare(self, plan: Plan) -> None: ...
-
-    def put(self, host: np.ndarray, device: Any) -> Any: ...
-
-    def concat(self, parts: list[Any], axis: int) -> Any: ...
-
-    def assemble(self, shape: tuple[int, ...], sharding: Any, shards: dict[Any, Any]) -> Any: ...
-
-    def fuse(self, pieces: list[Any], rec: Recipe) -> Any: ...
-
-    def ready(self, kind: str, arrays: list[Any], arg: Any) -> bool:
-        """Whether `concat(arrays, arg)` / `fuse(arrays, arg)` would run without compiling."""
-        ...
-
-    def close(self) -> None: ...
-
-
-@functools.partial(jax.jit, static_argnames=("axis",))
-def _concat(parts: list[jax.Array], *, axis: int) -> jax.Array:
-    return jnp.concatenate(parts, axis=axis)
-
-
-@functools.lru_cache(maxsize=256)
-def _fuser(axis: int, dtype: Any, sharding: Any) -> Callable[..., jax.Array]:
-    def fuse(*pieces: jax.Array) -> jax.Array:
-        cast = [p.astype(dtype) for p in pieces]
-        return cast[0] if len(cast) == 1 else jnp.concatenate(cast, axis=axis)
-
-    return jax.jit(fuse, out_shardings=sharding)
-
-
-class DevicePlacer:
-    """jax.Arrays in their shardings. The few programs a load runs (the concatenation of a shard
-    read in several blocks, the fusion of q/k/v and gate/up) are compiled ahead, on background
-    threads, while the first blocks are read: compilation hides behind I/O."""
-
-    def __init__(self, compile_threads: int = 2):
-        self.pool = ThreadPoolExecutor(compile_threads, thread_name_prefix="rtpjax-compile")
-        self.programs: dict[Any, Future] = {}
-
-    def _ahead(self, key: Any, fn: Any, *args: Any, **static: Any) -> None:
-        if key not in self.programs:
-            self.programs[key] = self.pool.submit(lambda: fn.lower(*args, **static).compile())
-
-    def prepare(self, plan: Plan) -> None:
-        if plan.dtypes is None:  # dtypes known only once read: compile on first use
-            return
-        for job in plan.jobs:
-            if job.n_parts > 1:
-                piece = plan.recipes[job.recipe].pieces[job.piece]
-                dt = plan.dtypes[piece.name]
-                sharding = SingleDeviceSharding(job.device)
-                parts = [jax.ShapeDtypeStruct(sh, dt, sharding=sharding) for sh in job.part_shapes]
-                self._ahead(self._concat_key(parts, piece.split), _concat, parts, axis=piece.split)
-        for rec in plan.recipes:
-            pieces = [
-                jax.ShapeDtypeStruct(p.shape, plan.dtypes[p.name], sharding=rec.sharding)
-                for p in rec.pieces
-            ]
-            if len(pieces) > 1 or pieces[0].dtype != rec.info.dtype:
-                key = self._fuse_key(pieces, rec)
-                self._ahead(key, _fuser(rec.axis, jnp.dtype(rec.info.dtype), rec.sharding), *pieces)
-
-    @staticmethod
-    def _concat_key(parts: list[Any], axis: int) -> Any:
-        return ("concat", axis, tuple((p.shape, str(p.dtype), p.sharding) for p in parts))
-
-    @staticmethod
-    def _fuse_key(pieces: list[Any], rec: Recipe) -> Any:
-        return (
-            "fuse",
-            rec.axis,
-            str(jnp.dtype(rec.info.dtype)),
-            rec.sharding,
-            tuple((p.shape, str(p.dtype)) for p in pieces),
-        )
-
-    def put(self, host: np.ndarray, device: Any) -> jax.Array:
-        if device.platform == "cpu":
-            # A CPU device_put may alias the numpy buffer (whatever may_alias says), and the ring
-            # reuses it: hand jax a copy of its own.
-            host = np.array(host, copy=True)
-        return jax.device_put(host, SingleDeviceSharding(device))
-
-    def ready(self, kind: str, arrays: list[Any], arg: Any) -> bool:
-        key = self._concat_key(arrays, arg) if kind == "concat" else self._fuse_key(arrays, arg)
-        program = self.programs.get(key)
-        return program is None or program.done()
-
-    def concat(self, parts: list[jax.Array], axis: int) -> jax.Array:
-        program = self.programs.get(self._concat_key(parts, axis))
-        return program.result()(parts) if program else _concat(parts, axis=axis)
-
-    def assemble(self, shape: tuple[int, ...], sharding: Any, shards: dict[Any, Any]) -> jax.Array:
-        return jax.make_array_from_single_device_arrays(shape, sharding, list(shards.values()))
-
-    def fuse(self, pieces: list[jax.Array], rec: Recipe) -> jax.Array:
-        if len(pieces) == 1 and pieces[0].dtype == rec.info.dtype:
-            return pieces[0]
-        program = self.programs.get(self._fuse_key(pieces, rec))
-        if program is not None:
-            return program.result()(*pieces)
-        return _fuser(rec.axis, jnp.dtype(rec.info.dtype), rec.sharding)(*pieces)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-class HostPlacer:
-    def prepare(self, plan: Plan) -> None:
-        pass
-
-    def ready(self, kind: str, arrays: list[Any], arg: Any) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
-
-    def put(self, host: np.ndarray, device: Any) -> np.ndarray:
-        return np.array(host, copy=True)
-
-    def concat(self, parts: list[np.ndarray], axis: int) -> np.ndarray:
-        return np.concatenate(parts, axis=axis)
-
-    def assemble(self, shape: tuple[int, ...], sharding: Any, shards: dict[Any, Any]) -> dict:
-        return dict(shards)
-
-    def fuse(self, pieces: list[dict], rec: Recipe) -> dict[Any, np.ndarray]:
-        dtype = np.dtype(jnp.dtype(rec.info.dtype))
-        return {
-            d: np.concatenate([p[d].astype(dtype) for p in pieces], axis=rec.axis)
-            for d in pieces[0]
-        }
 
 
 # --- the load -------------------------------------------------------------------------------------
@@ -578,7 +260,7 @@ class _Builder:
         self.weights: list[Any] = [None] * len(plan.recipes)
         self.pending: list[tuple[Callable[[], bool], Callable[[], None]]] = []
 
-    def job_done(self, job: _Job) -> None:
+    def job_done(self, job: Job) -> None:
         piece = self.plan.recipes[job.recipe].pieces[job.piece]
         if job.n_parts > 1 and not self.placer.ready("concat", job.parts, piece.split):
             self.pending.append(
@@ -590,7 +272,7 @@ class _Builder:
         else:
             self._finish(job)
 
-    def _finish(self, job: _Job) -> None:
+    def _finish(self, job: Job) -> None:
         rec = self.plan.recipes[job.recipe]
         piece = rec.pieces[job.piece]
         shard = job.parts[0] if job.n_parts == 1 else self.placer.concat(job.parts, piece.split)
@@ -756,15 +438,6 @@ def _progress_bar(path: str, total: int | None) -> Any:
     )
 
 
-def _prepare(source: TensorSource, cfg: ModelConfig, dtype: Any, mesh: Mesh) -> list[Recipe]:
-    check_names(source, cfg)
-    spec = llama.spec(cfg, dtype)
-    rules.check_divisible(spec, mesh)
-    plan_recipes = recipes(cfg, spec, rules.shardings(spec, mesh))
-    check_shapes(source, plan_recipes)
-    return plan_recipes
-
-
 def _touch(devices: Sequence[Any]) -> None:
     with contextlib.suppress(Exception):  # only a head start: the load itself reports errors
         jax.block_until_ready([jax.device_put(np.zeros(1, np.uint8), d) for d in devices])
@@ -788,7 +461,7 @@ def load_params_fast(
     # an H100 with jax's default preallocation): start it now, behind the planning and first reads.
     warmup = threading.Thread(target=_touch, args=(devices,), name="rtpjax-warmup", daemon=True)
     warmup.start()
-    plan_recipes = _prepare(source, cfg, dtype, mesh)
+    plan_recipes = prepare_recipes(source, cfg, dtype, mesh)
     plan = make_plan(source, plan_recipes, devices, options.block_bytes)
     client = devices[0].client if devices and devices[0].platform != "cpu" else None
     weights, stats = run_plan(source, plan, DevicePlacer(), options, client, progress)
@@ -809,7 +482,7 @@ def read_local_shards(
     """What one process of a multi-host run would load, as host arrays: {weight path: {device:
     its shard}} for `devices` only, reading only the rows they hold. For tests and planning."""
     options = options or LoadOptions()
-    plan_recipes = _prepare(source, cfg, dtype, mesh)
+    plan_recipes = prepare_recipes(source, cfg, dtype, mesh)
     plan = make_plan(source, plan_recipes, devices, options.block_bytes)
     weights, stats = run_plan(source, plan, HostPlacer(), options)
     return {r.path: w for r, w in zip(plan_recipes, weights, strict=True)}, stats
