@@ -8,7 +8,8 @@ that transformers 5 builds from the same source, so ids match transformers exact
   `add_bos_token`/`add_eos_token` flags of tokenizer_config.json are ignored when tokenizer.json
   exists: its post-processor decides.
 - a GGUF file's metadata: byte-level BPE (`tokenizer.ggml.model == "gpt2"`) and SentencePiece BPE
-  (`"llama"`), rebuilt from the vocabulary, merges (or scores) and token types.
+  (`"llama"`), rebuilt from the vocabulary, merges (or scores) and token types. The backends
+  are built in `gguf`; special tokens and the post-processor are added here.
 """
 
 from __future__ import annotations
@@ -20,9 +21,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, decoders, models, processors
 
 from rtpjax.tokenizer import chat_template as chat
+from rtpjax.tokenizer.gguf import (
+    BYTE_TO_CHAR,
+    CHAR_TO_BYTE,
+    CONTROL,
+    GGUF_PRE_TOKENIZERS,
+    UNSUPPORTED_SPM_ARCHITECTURES,
+    USER_DEFINED,
+    gguf_byte_level,
+    gguf_sentencepiece,
+    one_line,
+)
+
+__all__ = ["END_OF_TURN_TOKENS", "GGUF_PRE_TOKENIZERS", "ByteLevelPieces", "Tokenizer"]
 
 # Tokens that end an assistant turn in common chat formats. One counts as an end id when it is a
 # special token of this tokenizer and the chat template writes it (see `Tokenizer.eos_token_ids`).
@@ -36,56 +50,6 @@ END_OF_TURN_TOKENS = (
     "<|return|>",  # gpt-oss
     "<|call|>",  # gpt-oss
 )
-
-# GGUF token types (llama.cpp's llama_token_type).
-_CONTROL, _USER_DEFINED = 3, 4
-
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN35_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
-    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_UPPER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"
-_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
-_TEKKEN_SPLIT = (
-    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-_GPT4O_SPLIT = (
-    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}"
-    rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS}"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-# `tokenizer.ggml.pre` -> the split regex transformers uses, or None for GPT-2's own byte-level
-# regex. transformers uses GPT-2's regex for every value it does not list; we accept only the
-# values where llama.cpp's split is GPT-2's too, or GPT-2's with digits split one by one (the
-# starcoder family, whose vocabularies have no multi-digit tokens), and refuse the rest.
-GGUF_PRE_TOKENIZERS: dict[str, str | None] = {
-    **dict.fromkeys(("default", "gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion")),
-    **dict.fromkeys(("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone")),
-    **dict.fromkeys(("minerva-7b",)),
-    **dict.fromkeys(
-        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0"),
-        _LLAMA3_SPLIT,
-    ),
-    **dict.fromkeys(("lfm2", "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
-    "qwen35": _QWEN35_SPLIT,
-    "tekken": _TEKKEN_SPLIT,
-    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
-}
-
-# SentencePiece GGUFs whose architecture needs a tokenizer shape we do not build.
-_UNSUPPORTED_SPM_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "phi3")
 
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -170,7 +134,7 @@ class Tokenizer:
             spec = json.loads(text)
             backend = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # OSError, JSONDecodeError, or the bare Exception tokenizers raises
-            raise ValueError(f"{tok_file}: unreadable tokenizer: {_one_line(e)}") from None
+            raise ValueError(f"{tok_file}: unreadable tokenizer: {one_line(e)}") from None
         model = spec.get("model") or {}
         if model.get("type") == "BPE" and not model.get("merges"):
             raise ValueError(
@@ -211,7 +175,7 @@ class Tokenizer:
         try:
             reader = gguf.GGUFReader(str(p))
         except Exception as e:
-            raise ValueError(f"{p}: not a readable GGUF file: {_one_line(e)}") from None
+            raise ValueError(f"{p}: not a readable GGUF file: {one_line(e)}") from None
         metadata = {
             key: field.contents()
             for key, field in reader.fields.items()
@@ -244,26 +208,26 @@ class Tokenizer:
 
         if kind == "gpt2":
             add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
-            backend = _gguf_byte_level(metadata, tokens, source)
-            alphabet = set(_BYTE_TO_CHAR.values())
+            backend = gguf_byte_level(metadata, tokens, source)
+            alphabet = set(BYTE_TO_CHAR.values())
             # A control token spelled outside the byte alphabet is a llama.cpp mislabel; adding it
             # would give it a second id, so (like transformers) it is skipped.
-            control = [t for t, k in zip(tokens, types, strict=False) if k == _CONTROL]
+            control = [t for t, k in zip(tokens, types, strict=False) if k == CONTROL]
             control = [t for t in control if set(t) <= alphabet]
             # GPT2Tokenizer's default special token, kept only when the vocabulary has it:
             # transformers appends it as a new id otherwise, one the model has no row for.
             first = ["<|endoftext|>"] if "<|endoftext|>" in tokens else []
         elif kind == "llama":
             arch = str(metadata.get("general.architecture", ""))
-            if arch in _UNSUPPORTED_SPM_ARCHITECTURES:
+            if arch in UNSUPPORTED_SPM_ARCHITECTURES:
                 raise ValueError(
                     f"{source}: general.architecture={arch!r} with tokenizer.ggml.model='llama' "
                     "is not supported (its SentencePiece shape differs); use its tokenizer.json"
                 )
             # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise.
             add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", True))
-            backend = _gguf_sentencepiece(metadata, tokens, source)
-            control = [t for t, k in zip(tokens, types, strict=False) if k == _CONTROL]
+            backend = gguf_sentencepiece(metadata, tokens, source)
+            control = [t for t, k in zip(tokens, types, strict=False) if k == CONTROL]
             # LlamaTokenizer's default special tokens, when the vocabulary has them.
             first = [t for t in ("<unk>", "<s>", "</s>") if t in tokens]
         else:
@@ -273,7 +237,7 @@ class Tokenizer:
             )
         _add_special(backend, first + control)
         vocab = backend.get_vocab(with_added_tokens=False)
-        user = [t for t, k in zip(tokens, types, strict=False) if k == _USER_DEFINED and t in vocab]
+        user = [t for t, k in zip(tokens, types, strict=False) if k == USER_DEFINED and t in vocab]
         backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
         _add_special(backend, [t for t in special.values() if t is not None])
         add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
@@ -393,145 +357,12 @@ class ByteLevelPieces:
             token = self._backend.id_to_token(token_id)
             if token is None:  # decode() drops unknown ids
                 piece = b""
-            elif all(c in _CHAR_TO_BYTE for c in token):
-                piece = bytes(_CHAR_TO_BYTE[c] for c in token)
+            elif all(c in CHAR_TO_BYTE for c in token):
+                piece = bytes(CHAR_TO_BYTE[c] for c in token)
             else:  # the ByteLevel decoder takes such a token's UTF-8 as is
                 piece = token.encode("utf-8")
             self._cache[token_id] = piece
         return piece
-
-
-# -- GGUF builders ------------------------------------------------------------------------------
-
-
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character map: printable Latin-1 bytes stand for themselves,
-    the others (controls, space, soft hyphen...) take the code points from 256 up, in byte order."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    mapping = {b: chr(b) for b in printable}
-    shifted = (b for b in range(256) if b not in mapping)
-    mapping.update({b: chr(256 + n) for n, b in enumerate(shifted)})
-    return dict(sorted(mapping.items()))
-
-
-_BYTE_TO_CHAR = _byte_alphabet()
-_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
-
-
-def _gguf_byte_level(metadata: Mapping[str, Any], tokens: list[str], source: str):
-    pre = metadata.get("tokenizer.ggml.pre", "default")
-    if pre not in GGUF_PRE_TOKENIZERS:
-        raise ValueError(
-            f"{source}: tokenizer.ggml.pre={pre!r} is not a known pre-tokenizer; known: "
-            f"{', '.join(sorted(GGUF_PRE_TOKENIZERS))}"
-        )
-    merges = _merge_pairs(metadata, source)
-    if not merges:
-        raise ValueError(
-            f"{source}: tokenizer.ggml.merges is missing or empty; byte-level BPE needs merges"
-        )
-    # Tokens are stored spelled in the byte alphabet; one that is not (some converters write raw
-    # UTF-8) is respelled so the merges, which are in the alphabet, find it.
-    alphabet = set(_BYTE_TO_CHAR.values())
-    vocab = {
-        t if set(t) <= alphabet else "".join(_BYTE_TO_CHAR[b] for b in t.encode("utf-8")): i
-        for i, t in enumerate(tokens)
-    }
-    bpe = _bpe(source, vocab, merges, fuse_unk=False, byte_fallback=False)
-    backend = tokenizers.Tokenizer(bpe)
-    split = GGUF_PRE_TOKENIZERS[pre]
-    if split is None:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-    backend.decoder = decoders.ByteLevel()
-    return backend
-
-
-def _gguf_sentencepiece(metadata: Mapping[str, Any], tokens: list[str], source: str):
-    vocab = {t: i for i, t in enumerate(tokens)}
-    merges = _merge_pairs(metadata, source)
-    if not merges:
-        scores = metadata.get("tokenizer.ggml.scores")
-        if not scores or len(scores) != len(tokens):
-            raise ValueError(
-                f"{source}: a SentencePiece GGUF needs tokenizer.ggml.merges or one "
-                "tokenizer.ggml.scores entry per token; it has neither"
-            )
-        merges = _merges_from_scores(vocab, dict(zip(tokens, map(float, scores), strict=True)))
-    backend = tokenizers.Tokenizer(
-        _bpe(source, vocab, merges, fuse_unk=True, byte_fallback=True, subword_affixes=False)
-    )
-    backend.normalizer = None
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first", split=False
-    )
-    backend.decoder = decoders.Sequence(
-        [
-            decoders.Replace("▁", " "),
-            decoders.ByteFallback(),
-            decoders.Fuse(),
-            decoders.Strip(content=" ", left=1, right=0),
-        ]
-    )
-    return backend
-
-
-def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
-    """The merges a SentencePiece vocabulary implies: every split of a piece into two pieces,
-    best score first (ties: shorter left part, then shorter right part, then vocabulary order)."""
-    found = []
-    for piece, score in scores.items():
-        pairs = [
-            (piece[:k], piece[k:], score)
-            for k in range(1, len(piece))
-            if piece[:k] in vocab and piece[k:] in vocab
-        ]
-        pairs.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
-        found.extend(pairs)
-    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(left, right) for left, right, _ in found]
-
-
-def _merge_pairs(metadata: Mapping[str, Any], source: str) -> list[tuple[str, str]]:
-    pairs = []
-    for n, merge in enumerate(metadata.get("tokenizer.ggml.merges") or []):
-        parts = str(merge).split(" ")
-        if len(parts) != 2:
-            raise ValueError(
-                f"{source}: tokenizer.ggml.merges[{n}]={merge!r} must be two tokens separated "
-                "by one space"
-            )
-        pairs.append((parts[0], parts[1]))
-    return pairs
-
-
-def _bpe(
-    source: str,
-    vocab: dict[str, int],
-    merges: list[tuple[str, str]],
-    *,
-    fuse_unk: bool,
-    byte_fallback: bool,
-    subword_affixes: bool = True,
-) -> models.BPE:
-    affixes = {"continuing_subword_prefix": "", "end_of_word_suffix": ""} if subword_affixes else {}
-    try:
-        return models.BPE(
-            vocab=vocab,
-            merges=merges,
-            dropout=None,
-            fuse_unk=fuse_unk,
-            byte_fallback=byte_fallback,
-            **affixes,
-        )
-    except Exception as e:  # tokenizers raises a bare Exception for merges outside the vocabulary
-        raise ValueError(f"{source}: invalid BPE vocabulary or merges: {_one_line(e)}") from None
 
 
 # -- shared helpers -------------------------------------------------------------------------------
@@ -609,7 +440,7 @@ def _read_json(path: pathlib.Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable JSON: {_one_line(e)}") from None
+        raise ValueError(f"{path}: unreadable JSON: {one_line(e)}") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: must hold a JSON object, not {type(value).__name__}")
     return value
@@ -637,8 +468,3 @@ def _clean_up_spaces(text: str) -> str:
     ):  # fmt: skip
         text = text.replace(before, after)
     return text
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
