@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from rtpjax.finetune import step as st
+from rtpjax.finetune.base import Base
 from rtpjax.finetune.peft import PeftAdapter, place_adapter, read_adapter
-from rtpjax.finetune.trainer import Base, evaluate_rows
+from rtpjax.finetune.trainer import evaluate_rows
 from rtpjax.layers.lora import TARGETS, LoraLayout, SlotParams
 from rtpjax.models import llama
 

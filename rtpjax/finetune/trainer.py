@@ -25,139 +25,27 @@ import logging
 import math
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rtpjax.config import ModelConfig
 from rtpjax.finetune import adapters as ad
 from rtpjax.finetune import step as st
+from rtpjax.finetune.base import Base, load_base
+from rtpjax.finetune.batching import build_batch
 from rtpjax.finetune.checkpoint import RunCheckpointer, fingerprint
-from rtpjax.finetune.config import FinetuneConfig, TaskConfig
-from rtpjax.finetune.data import ByteTokenizer, TaskStream, eval_rows, load_dataset
+from rtpjax.finetune.config import FinetuneConfig
+from rtpjax.finetune.data import TaskStream, eval_rows, load_dataset
 from rtpjax.finetune.dispatcher import Dispatcher
 from rtpjax.finetune.peft import export_adapter
 from rtpjax.finetune.report import MetricsLog, Progress, plot_losses
+from rtpjax.finetune.task_run import TaskRun
 from rtpjax.layers.lora import SlotParams
 from rtpjax.models import llama
 
 logger = logging.getLogger("rtpjax.finetune")
 EVAL_ROWS = 32  # rows per evaluation batch
-
-
-@dataclasses.dataclass
-class Base:
-    name: str
-    config: ModelConfig
-    params: llama.Params
-    tokenizer: Any
-
-
-def load_base(cfg: FinetuneConfig) -> Base:
-    """The frozen base model and tokenizer of a run."""
-    from rtpjax.weights.loader import load_params, resolve_dtype
-
-    dtype = resolve_dtype(cfg.dtype)
-    model = cfg.resolve(cfg.model)
-    if cfg.tokenizer == "bytes":
-        from rtpjax.weights.safetensors_io import SafetensorsCheckpoint
-
-        if model is None or not os.path.isdir(model):
-            raise ValueError(f"model={cfg.model!r}: tokenizer 'bytes' needs an HF model directory")
-        mcfg = ModelConfig.from_hf(model)
-        return Base(
-            os.path.basename(model.rstrip("/")),
-            mcfg,
-            load_params(SafetensorsCheckpoint(model), mcfg, dtype),
-            ByteTokenizer(),
-        )
-    from rtpjax.weights.checkpoint import load_model
-
-    lm = load_model(model, dtype=dtype, tokenizer=cfg.resolve(cfg.tokenizer))
-    return Base(lm.name, lm.config, lm.params, lm.tokenizer)
-
-
-def _pow2(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
-
-
-def build_batch(parts: list[tuple[int, list[dict], float]], min_len: int = 16) -> st.Batch:
-    """Rows of (slot, rows, target tokens of that slot's optimizer step), sorted by slot, padded
-    to [B, S] buckets (powers of two) → a host Batch."""
-    parts = sorted(parts, key=lambda p: p[0])
-    n = sum(len(rows) for _, rows, _ in parts)
-    B = _pow2(n)
-    S = _pow2(max((len(r["inputs"]) for _, rows, _ in parts for r in rows), default=1), min_len)
-    tokens = np.zeros((B, S), np.int32)
-    targets = np.zeros((B, S), np.int32)
-    weights = np.zeros((B, S), np.float32)
-    positions = np.zeros((B, S), np.int32)
-    segments = np.zeros((B, S), np.int32)
-    row_slot = np.full((B,), -1, np.int32)
-    i = 0
-    for slot, rows, norm in parts:
-        for r in rows:
-            k = len(r["inputs"])
-            tokens[i, :k], targets[i, :k] = r["inputs"], r["targets"]
-            weights[i, :k] = r["mask"] / max(norm, 1.0)
-            positions[i, :k], segments[i, :k] = r["positions"], r["segments"]
-            row_slot[i] = slot
-            i += 1
-    return st.Batch(tokens, targets, weights, positions, segments, row_slot)
-
-
-@dataclasses.dataclass
-class TaskRun:
-    """Host state of one task: its stream, schedule and where it stands."""
-
-    cfg: TaskConfig
-    adapter: Any  # AdapterConfig
-    stream: TaskStream
-    eval_rows: list[dict]
-    total_steps: int
-    seed: int
-    lr: Any  # optax schedule: learning rate at an optimizer step
-    step: int = 0  # optimizer steps done
-    consumed: int = 0  # rows of the current optimizer step already fed
-    start_state: dict | None = None  # stream position at the start of the current step
-    buffer: list = dataclasses.field(default_factory=list)
-    norm: float = 0.0  # target tokens of the current optimizer step
-    done: bool = False
-
-    def next_micro(self) -> tuple[list[dict], bool] | None:
-        """The next micro-batch and whether it completes an optimizer step; None when finished."""
-        if self.consumed == 0:
-            if self.step >= self.total_steps:
-                return None
-            self.start_state = self.stream.get_state()
-            self.buffer = self.stream.take(self.cfg.batch_size)
-            if not self.buffer:
-                return None
-            self.norm = float(sum(r["mask"].sum() for r in self.buffer))
-        rows, self.buffer = self.buffer[: self.cfg.micro], self.buffer[self.cfg.micro :]
-        self.consumed += len(rows)
-        return rows, not self.buffer
-
-    def host_state(self) -> dict:
-        return {
-            "step": self.step,
-            "consumed": self.consumed,
-            "done": self.done,
-            "start_state": self.start_state,
-            "stream": self.stream.get_state(),
-        }
-
-    def load_host_state(self, s: dict) -> None:
-        self.step, self.consumed, self.done = s["step"], s["consumed"], s["done"]
-        self.start_state = s["start_state"]
-        if self.consumed:
-            self.stream.set_state(self.start_state)
-            rows = self.stream.take(self.cfg.batch_size)
-            self.norm = float(sum(r["mask"].sum() for r in rows))
-            self.buffer = rows[self.consumed :]
-        self.stream.set_state(s["stream"])
 
 
 class Trainer:

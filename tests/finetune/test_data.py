@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
+from rtpjax.finetune.batching import build_batch
 from rtpjax.finetune.config import DatasetConfig, SyntheticConfig, TaskConfig
 from rtpjax.finetune.data import ByteTokenizer, TaskStream, load_dataset, read_jsonl, render
 from rtpjax.finetune.tasks import TASKS, make_examples, make_split
-from rtpjax.finetune.trainer import build_batch
 from rtpjax.tokenizer import Tokenizer
 
 CHAT = [
