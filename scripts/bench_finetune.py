@@ -35,30 +35,9 @@ from rtpjax.config import ModelConfig  # noqa: E402
 from rtpjax.finetune import step as st  # noqa: E402
 from rtpjax.layers.lora import LoraLayout, SlotParams  # noqa: E402
 from rtpjax.models import llama  # noqa: E402
+from rtpjax.models.presets import preset  # noqa: E402
 
-MODELS = {
-    "llama3-8b": ModelConfig(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        rope_theta=500000.0,
-    ),
-    "tiny": ModelConfig(
-        model_type="llama",
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=32,
-    ),
-}
+MODELS = ("llama3-8b", "llama3-1b", "tiny")  # shapes from rtpjax.models.presets
 
 
 def random_base(cfg: ModelConfig, dtype, seed: int = 0) -> llama.Params:
@@ -179,7 +158,7 @@ def training_benchmark(
 ) -> list[dict]:
     """Rows {mode, adapters, tokens_per_s, step_ms, peak_bytes, …} for each N, sequential then
     concurrent (with `speedup` = concurrent / sequential tokens/s), in this process."""
-    cfg = MODELS[model]
+    cfg = preset(model)
     if layers is not None:  # a shallower model of the same shapes (quick checks)
         cfg = dataclasses.replace(cfg, num_layers=layers)
     dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
@@ -249,7 +228,7 @@ def _table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 8, 16])
-    p.add_argument("--model", choices=sorted(MODELS), default="llama3-8b")
+    p.add_argument("--model", choices=MODELS, default="llama3-8b")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])

@@ -70,6 +70,17 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=128000,
         eos_token_ids=(128001, 128008, 128009),
     ),
+    # A few-MB model of real structure, for CPU smoke runs of the benchmarks.
+    "tiny": ModelConfig(
+        model_type="llama",
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+    ),
     "smollm2-135m": ModelConfig(
         model_type="llama",
         vocab_size=49152,
