@@ -447,10 +447,6 @@ class StepTiming:
     wait_s: float = 0.0
     post_s: float = 0.0  # update, detokenize, stop strings, outputs
 
-    @property
-    def host_s(self) -> float:
-        return self.schedule_s + self.prepare_s + self.launch_s + self.post_s
-
 
 @dataclasses.dataclass
 class EngineStats:

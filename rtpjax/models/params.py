@@ -92,7 +92,3 @@ def init(spec: Any, key: jax.Array, shardings: Any = None) -> Any:
 
 def num_bytes(spec: Any) -> int:
     return sum(int(np.prod(i.shape)) * jnp.dtype(i.dtype).itemsize for _, i in info_leaves(spec))
-
-
-def num_params(spec: Any) -> int:
-    return sum(int(np.prod(i.shape)) for _, i in info_leaves(spec))

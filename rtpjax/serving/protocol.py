@@ -386,6 +386,21 @@ def chat_response(rid: str, model: str, choices: list[dict], usage_: dict) -> di
     }
 
 
+def _chunk(
+    kind: str,
+    rid: str,
+    model: str,
+    created: int,
+    choices: list[dict],
+    usage_: dict | None,
+    with_usage: bool,
+) -> dict:
+    chunk = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+    if with_usage:
+        chunk["usage"] = usage_
+    return chunk
+
+
 def completion_chunk(
     rid: str,
     model: str,
@@ -394,16 +409,7 @@ def completion_chunk(
     usage_: dict | None = None,
     with_usage: bool = False,
 ) -> dict:
-    chunk = {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if with_usage:
-        chunk["usage"] = usage_
-    return chunk
+    return _chunk("text_completion", rid, model, created, choices, usage_, with_usage)
 
 
 def chat_chunk(
@@ -414,16 +420,7 @@ def chat_chunk(
     usage_: dict | None = None,
     with_usage: bool = False,
 ) -> dict:
-    chunk = {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if with_usage:
-        chunk["usage"] = usage_
-    return chunk
+    return _chunk("chat.completion.chunk", rid, model, created, choices, usage_, with_usage)
 
 
 class DeltaTracker:

@@ -223,11 +223,6 @@ def _progress(total: int, path: str):
     return tqdm(total=total, desc=f"loading {os.path.basename(path.rstrip('/'))}", unit="layer")
 
 
-def param_names(cfg: ModelConfig) -> list[str]:
-    """Dotted paths of every declared weight (for messages and tests)."""
-    return [p for p, _ in info_leaves(llama.spec(cfg))]
-
-
 # --- recipes: which HF tensors make each declared weight ------------------------------------------
 
 
