@@ -12,6 +12,9 @@ Phases (each printed as a table row and written to JSON):
                where t_device is the same decode step replayed back to back with no host work
   decode_bN    steady decode at batch N: ms per step and output tokens/s, beside the streaming
                floor (weights + live KV bytes / HBM bandwidth)
+  launch       the host cost of dispatching one decode step at the largest batch, split into
+               input transfer, the jitted call, and a launch behind a busy device; the compiled
+               step's top-level operation count (kernels, or command buffers)
   prefill      one prompt of --prefill-len tokens: time and model TFLOP/s (2 x non-embedding
                parameters x tokens + attention) beside the GEMM rate of this device
 """
@@ -23,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -35,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from rtpjax import LLM, SamplingParams
+from rtpjax.layers.paged_attention import PagedAttention
 from rtpjax.models import llama
 from rtpjax.models.params import num_bytes
 from rtpjax.models.presets import preset, random_params
@@ -91,31 +96,122 @@ def run_batch(llm: LLM, prompts, sp) -> tuple[float, list]:
 
 def device_step_time(llm: LLM, batch: int, context: int, repeats: int) -> float:
     """Seconds of one steady decode step at `batch` x `context`, replayed with no host work."""
-    engine = llm.engine
-    vocab = llm.model.config.vocab_size
-    for i, p in enumerate(random_prompts(batch, context, vocab, 99)):
-        engine.add_request(f"dev{i}", None, p["prompt_token_ids"], params_for(10_000))
-    # Run until every sequence decodes, then keep one decode step's inputs.
-    prepared = None
-    for _ in range(10_000):
-        engine.step()
-        sched_chunks = engine._inflight.prepared.chunks if engine._inflight else []
-        if len(sched_chunks) == batch and all(c.num_tokens == 1 for c in sched_chunks):
-            prepared = engine._inflight.prepared
-            break
-    assert prepared is not None, "never reached a full decode batch"
-    runner = engine.runner
+    prepared = _full_decode_step(llm, batch, context, "dev")
+    runner = llm.engine.runner
     jax.block_until_ready(runner.kv)
     t0 = time.perf_counter()
     for _ in range(repeats):
         runner.execute(prepared)
     jax.block_until_ready((runner.kv, runner.prev_sampled))
     dt = (time.perf_counter() - t0) / repeats
+    _drain(llm, batch, "dev")
+    return dt
+
+
+def _full_decode_step(llm: LLM, batch: int, context: int, tag: str):
+    """Add `batch` long requests and step until one step decodes all of them; that step."""
+    engine = llm.engine
+    vocab = llm.model.config.vocab_size
+    for i, p in enumerate(random_prompts(batch, context, vocab, 99)):
+        engine.add_request(f"{tag}{i}", None, p["prompt_token_ids"], params_for(10_000))
+    for _ in range(10_000):
+        engine.step()
+        chunks = engine._inflight.prepared.chunks if engine._inflight else []
+        if len(chunks) == batch and all(c.num_tokens == 1 for c in chunks):
+            return engine._inflight.prepared
+    raise SystemExit("bench_offline: never reached a full decode batch")
+
+
+def _drain(llm: LLM, batch: int, tag: str) -> None:
+    engine = llm.engine
     for i in range(batch):
-        engine.abort_request(f"dev{i}")
+        engine.abort_request(f"{tag}{i}")
     while engine.has_unfinished_requests():
         engine.step()
-    return dt
+
+
+def launch_breakdown(llm: LLM, batch: int, context: int, repeats: int = 20) -> dict:
+    """Host milliseconds of dispatching one decode step, split: the input transfer alone, the
+    jitted call with inputs already on the device, and a whole `execute` with the device idle and
+    with the previous step still running (a full launch queue can block the host). Also counts the
+    top-level operations of the compiled step (kernels enqueued one by one unless XLA records them
+    into a command buffer)."""
+    prepared = _full_decode_step(llm, batch, context, "launch")
+    runner = llm.engine.runner
+    x, st = prepared.inputs, prepared.static
+    jax.block_until_ready(runner.kv)
+
+    def ms(f) -> float:
+        t = []
+        for _ in range(repeats):
+            jax.block_until_ready((runner.kv, runner.prev_sampled))
+            t0 = time.perf_counter()
+            out = f()
+            t.append(time.perf_counter() - t0)
+            jax.block_until_ready(out)
+        return float(np.median(t) * 1e3)
+
+    put_ms = ms(lambda: jax.device_put(x))
+    x_dev = jax.block_until_ready(jax.device_put(x))
+    attention = PagedAttention(
+        scale=runner.cfg.head_dim**-0.5,
+        sliding_window=runner.cfg.sliding_window,
+        impl=runner.attention_impl,
+        max_q_len=st.max_q_len,
+    )
+
+    def call_dev():
+        with jax.set_mesh(runner.mesh):
+            runner.kv, out, runner.prev_sampled = runner._step(
+                runner.params, runner.kv, x_dev, runner.prev_sampled, static=st, attention=attention
+            )
+        return out
+
+    call_ms = ms(call_dev)
+    idle_ms = ms(lambda: runner.execute(prepared).outputs)
+    busy = []
+    jax.block_until_ready(runner.kv)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner.execute(prepared)
+        busy.append(time.perf_counter() - t0)
+    jax.block_until_ready((runner.kv, runner.prev_sampled))
+    with jax.set_mesh(runner.mesh):
+        hlo = (
+            runner._step.lower(
+                runner.params, runner.kv, x, runner.prev_sampled, static=st, attention=attention
+            )
+            .compile()
+            .as_text()
+        )
+    _drain(llm, batch, "launch")
+    ops = _entry_ops(hlo)
+    return {
+        "batch": batch,
+        "put_inputs_ms": put_ms,
+        "call_device_inputs_ms": call_ms,
+        "execute_idle_ms": idle_ms,
+        "execute_busy_ms": float(np.median(busy[2:]) * 1e3),
+        "entry_ops": ops,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def _entry_ops(hlo: str) -> dict:
+    """Count the compiled module's top-level operations by kind (ENTRY computation)."""
+    entry = hlo[hlo.find("\nENTRY ") :]
+    entry = entry[: entry.find("\n}\n")]
+    skip = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
+    counts: dict[str, int] = {}
+    for line in entry.splitlines()[1:]:
+        m = re.search(r"= \S+ ([a-z][a-z0-9-]*)\(", line)
+        if m and m.group(1) not in skip:
+            k = m.group(1)
+            if k == "call" and "command_buffer" in line:
+                k = "command_buffer"
+            counts[k] = counts.get(k, 0) + 1
+    counts["total"] = sum(counts.values())
+    return counts
 
 
 def steady_decode(llm: LLM, batch: int, context: int, steps: int) -> dict:
@@ -314,6 +410,19 @@ def main(argv=None) -> int:
                 f"{idle:.1%}",
                 f"batch {b}: device {dev * 1e3:.2f} ms vs wall "
                 f"{r['ms_per_step']:.2f} ms per step (goal <= 5%)",
+            )
+        )
+
+    if "launch" in phases:
+        b = max(int(x) for x in args.decode_batches.split(","))
+        r = launch_breakdown(llm, b, args.decode_context)
+        results["launch"] = r
+        rows.append(
+            (
+                "launch",
+                f"idle {r['execute_idle_ms']:.2f} ms, busy {r['execute_busy_ms']:.2f} ms",
+                f"batch {b}: inputs put {r['put_inputs_ms']:.2f} ms, call with device inputs "
+                f"{r['call_device_inputs_ms']:.2f} ms; ops {r['entry_ops']}",
             )
         )
 

@@ -111,6 +111,14 @@ def load_model(
     "simple" (tensor by tensor through host numpy); both give bit-identical weights."""
     if loader not in LOADERS:
         raise ValueError(f"loader={loader!r} is not supported; allowed: {', '.join(LOADERS)}")
+    if isinstance(model, str) and model.startswith(RANDOM_PREFIX):
+        return random_model(
+            model,
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            mesh=mesh,
+            tokenizer=tokenizer,
+        )
     path = default_model_path() if model is None else os.fspath(model)
     ckpt = open_checkpoint(path)
     base = ModelConfig.from_hf(ckpt.hf_config, source=path)
@@ -130,6 +138,35 @@ def load_model(
     tok = Tokenizer.from_pretrained(tokenizer or path)
     name = DEFAULT_MODEL_NAME if model is None else os.path.basename(path.rstrip("/"))
     return LoadedModel(name, path, cfg, params, tok, mesh, dt, stats)
+
+
+RANDOM_PREFIX = "random:"
+
+
+def random_model(
+    model: str,
+    *,
+    dtype: Any = "auto",
+    tensor_parallel_size: int = 1,
+    mesh: Mesh | None = None,
+    tokenizer: str | os.PathLike | None = None,
+) -> LoadedModel:
+    """`random:<preset>` (e.g. random:llama3-8b): the preset's shapes with random weights made on
+    the devices, for benchmarks. The tokenizer is `tokenizer` or the embedded default model's, and
+    the vocabulary and end ids are that tokenizer's so every sampled id decodes (the model is
+    then the preset's body with a different embedding size)."""
+    from rtpjax.models.presets import PRESETS, preset, random_params
+
+    name = model[len(RANDOM_PREFIX) :]
+    if name not in PRESETS:
+        raise ValueError(f"model={model!r}: unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    tok = Tokenizer.from_pretrained(tokenizer or default_model_path())
+    base = preset(name, vocab_size=tok.vocab_size, eos_token_ids=tuple(sorted(tok.eos_token_ids)))
+    cfg = base.with_tensor_parallel(tensor_parallel_size)
+    dt = resolve_dtype(dtype)
+    mesh = mesh or make_mesh(tensor_parallel_size=tensor_parallel_size)
+    _check_fits(cfg, dt, mesh, model)
+    return LoadedModel(name, model, cfg, random_params(cfg, dt, mesh), tok, mesh, dt)
 
 
 def _check_fits(cfg: ModelConfig, dtype: Any, mesh: Mesh, path: str) -> None:
