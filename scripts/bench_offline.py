@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from rtpjax import LLM, SamplingParams
+from rtpjax.engine import packing
 from rtpjax.layers.paged_attention import PagedAttention
 from rtpjax.models import llama
 from rtpjax.models.params import num_bytes
@@ -152,7 +153,9 @@ def launch_breakdown(llm: LLM, batch: int, context: int, repeats: int = 20) -> d
         return float(np.median(t) * 1e3)
 
     put_ms = ms(lambda: jax.device_put(x))
-    x_dev = jax.block_until_ready(jax.device_put(x))
+    buf, layout = packing.pack(x)
+    pack_put_ms = ms(lambda: jax.device_put(packing.pack(x)[0]))
+    buf_dev = jax.block_until_ready(jax.device_put(buf))
     attention = PagedAttention(
         scale=runner.cfg.head_dim**-0.5,
         sliding_window=runner.cfg.sliding_window,
@@ -163,7 +166,13 @@ def launch_breakdown(llm: LLM, batch: int, context: int, repeats: int = 20) -> d
     def call_dev():
         with jax.set_mesh(runner.mesh):
             runner.kv, out, runner.prev_sampled = runner._step(
-                runner.params, runner.kv, x_dev, runner.prev_sampled, static=st, attention=attention
+                runner.params,
+                runner.kv,
+                buf_dev,
+                runner.prev_sampled,
+                layout=layout,
+                static=st,
+                attention=attention,
             )
         return out
 
@@ -179,7 +188,13 @@ def launch_breakdown(llm: LLM, batch: int, context: int, repeats: int = 20) -> d
     with jax.set_mesh(runner.mesh):
         hlo = (
             runner._step.lower(
-                runner.params, runner.kv, x, runner.prev_sampled, static=st, attention=attention
+                runner.params,
+                runner.kv,
+                buf,
+                runner.prev_sampled,
+                layout=layout,
+                static=st,
+                attention=attention,
             )
             .compile()
             .as_text()
@@ -189,6 +204,7 @@ def launch_breakdown(llm: LLM, batch: int, context: int, repeats: int = 20) -> d
     return {
         "batch": batch,
         "put_inputs_ms": put_ms,
+        "put_packed_inputs_ms": pack_put_ms,
         "call_device_inputs_ms": call_ms,
         "execute_idle_ms": idle_ms,
         "execute_busy_ms": float(np.median(busy[2:]) * 1e3),
@@ -421,7 +437,8 @@ def main(argv=None) -> int:
             (
                 "launch",
                 f"idle {r['execute_idle_ms']:.2f} ms, busy {r['execute_busy_ms']:.2f} ms",
-                f"batch {b}: inputs put {r['put_inputs_ms']:.2f} ms, call with device inputs "
+                f"batch {b}: inputs put {r['put_inputs_ms']:.2f} ms (packed "
+                f"{r['put_packed_inputs_ms']:.2f}), call with device inputs "
                 f"{r['call_device_inputs_ms']:.2f} ms; ops {r['entry_ops']}",
             )
         )

@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rtpjax.config import ModelConfig
+from rtpjax.engine import packing
 from rtpjax.engine.input_batch import InputBatch
 from rtpjax.engine.scheduler import ScheduledChunk, SchedulerOutput
 from rtpjax.layers import sampler as sampler_lib
@@ -83,7 +84,8 @@ class StepResult(NamedTuple):
 @dataclasses.dataclass
 class InflightStep:
     prepared: PreparedStep
-    outputs: Any  # device SamplerOutput (+ prompt logprobs)
+    outputs: jax.Array  # i32[...]: SamplerOutput (+ prompt logprobs) packed, see `out_layout`
+    out_layout: packing.Layout
 
 
 class ModelRunner:
@@ -121,10 +123,10 @@ class ModelRunner:
         self._prev_rows: dict[int, int] = {}  # seq_id → row in the previous step's sampled ids
         eos = frozenset(cfg.eos_token_ids) if eos_token_ids is None else eos_token_ids
         self.batch = InputBatch(self.pages_per_seq, eos, max_num_seqs)
-        self._variants: set[tuple] = set()
+        self._out_layouts: dict[tuple, packing.Layout] = {}  # one per compiled variant
         self._step = jax.jit(
             functools.partial(_device_step, cfg=cfg),
-            static_argnames=("static", "attention"),
+            static_argnames=("layout", "static", "attention"),
             donate_argnames=("kv",),
         )
 
@@ -161,7 +163,7 @@ class ModelRunner:
 
     @property
     def num_compiled_variants(self) -> int:
-        return len(self._variants)
+        return len(self._out_layouts)
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -260,40 +262,45 @@ class ModelRunner:
         return PreparedStep(inputs, static, list(chunks), needs_sync=flags.use_penalties)
 
     def execute(self, step: PreparedStep) -> InflightStep:
+        """Launch the step (asynchronously). Its small inputs travel as one buffer, its outputs
+        come back as one (packing.py)."""
         attention = PagedAttention(
             scale=self.cfg.head_dim**-0.5,
             sliding_window=self.cfg.sliding_window,
             impl=self.attention_impl,
             max_q_len=step.static.max_q_len,
         )
-        x = step.inputs
-        self._variants.add(
-            (
-                x.tokens.shape,
-                x.kv_lens.shape,
-                step.static,
-                None if x.penalty_tokens is None else x.penalty_tokens.shape,
+        buf, layout = packing.pack(step.inputs)
+        key = (layout, step.static)
+        out_layout = self._out_layouts.get(key)
+        if out_layout is None:
+            x = step.inputs
+            out_layout = self._out_layouts[key] = output_layout(
+                x.kv_lens.shape[0], x.tokens.shape[0], step.static
             )
-        )
         with jax.set_mesh(self.mesh):
             self.kv, outputs, self.prev_sampled = self._step(
-                self.params, self.kv, x, self.prev_sampled, static=step.static, attention=attention
+                self.params,
+                self.kv,
+                buf,
+                self.prev_sampled,
+                layout=layout,
+                static=step.static,
+                attention=attention,
             )
-        for leaf in jax.tree.leaves(outputs):
-            leaf.copy_to_host_async()
+        outputs.copy_to_host_async()
         self._prev_rows = {c.seq.seq_id: b for b, c in enumerate(step.chunks) if c.samples}
-        return InflightStep(step, outputs)
+        return InflightStep(step, outputs, out_layout)
 
     def fetch(self, inflight: InflightStep) -> StepResult:
         """Block until the step is done and return its samples (rows that sample only)."""
-        out, prompt_lp = inflight.outputs
-        ids, lp = np.asarray(out.token_ids), np.asarray(out.logprob)
-        top_ids, top_lp = np.asarray(out.top_ids), np.asarray(out.top_logprobs)
+        out, prompt_lp = packing.unpack_host(np.asarray(inflight.outputs), inflight.out_layout)
+        ids, lp, top_ids, top_lp = out
         chunks = inflight.prepared.chunks
         rows = [b for b, c in enumerate(chunks) if c.samples]
         result_prompt: dict[int, tuple] = {}
         if prompt_lp is not None:
-            _, p_lp, p_tid, p_tlp = (np.asarray(a) for a in prompt_lp)
+            _, p_lp, p_tid, p_tlp = prompt_lp
             cu = inflight.prepared.inputs.cu_q_lens
             for b, c in enumerate(chunks):
                 if c.seq.params.prompt_logprobs is not None and c.start < c.seq.num_prompt_tokens:
@@ -317,16 +324,38 @@ def _doublings(lo: int, hi: int) -> list[int]:
     return [*out, hi]
 
 
+def output_layout(rows: int, tokens: int, static: StepStatic) -> packing.Layout:
+    """The layout of a step's packed outputs: (SamplerOutput, prompt logprobs or None)."""
+    i32, f32 = np.int32, np.float32
+    sds = jax.ShapeDtypeStruct
+    k = static.flags.num_top_logprobs
+    out = sampler_lib.SamplerOutput(
+        sds((rows,), i32), sds((rows,), f32), sds((rows, k), i32), sds((rows, k), f32)
+    )
+    prompt = None
+    if static.prompt_logprobs:
+        m = MAX_LOGPROBS
+        prompt = (
+            sds((tokens,), i32),
+            sds((tokens,), f32),
+            sds((tokens, m), i32),
+            sds((tokens, m), f32),
+        )
+    return packing.Layout.of((out, prompt))
+
+
 def _device_step(
     params,
     kv,
-    x: StepInputs,
+    buf,
     prev_sampled,
     *,
     cfg: ModelConfig,
+    layout: packing.Layout,
     static: StepStatic,
     attention: PagedAttention,
 ):
+    x: StepInputs = packing.unpack_device(buf, layout)
     tokens = jnp.where(x.token_src >= 0, prev_sampled[jnp.maximum(x.token_src, 0)], x.tokens)
     meta = PagedMeta(x.slot_mapping, x.kv_lens, x.page_indices, x.cu_q_lens, x.num_seqs)
     hidden, kv, _ = llama.forward(params, cfg, tokens, x.positions, kv, meta, attention)
@@ -341,6 +370,10 @@ def _device_step(
         nxt = jnp.take_along_axis(all_logits, x.next_tokens[:, None], axis=-1)[:, 0] - lse
         top_v, top_i = jax.lax.top_k(all_logits, MAX_LOGPROBS)
         prompt_lp = (x.next_tokens, nxt, top_i.astype(jnp.int32), top_v - lse[:, None])
+    outputs = (out, prompt_lp)
+    expected = output_layout(x.kv_lens.shape[0], x.tokens.shape[0], static)
+    if packing.Layout.of(outputs) != expected:  # trace time only: the host unpacks by `expected`
+        raise AssertionError(f"step outputs {packing.Layout.of(outputs)} != {expected}")
     rows = out.token_ids.shape[0]
     sampled = jnp.zeros_like(prev_sampled).at[:rows].set(out.token_ids)
-    return kv, (out, prompt_lp), sampled
+    return kv, packing.pack_device(outputs), sampled
