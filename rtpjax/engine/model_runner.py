@@ -102,6 +102,7 @@ class ModelRunner:
         max_model_len: int,
         attention_impl: str = "auto",
         eos_token_ids: frozenset[int] | None = None,
+        small_decode_buckets: bool | None = None,
     ):
         self.cfg = cfg
         self.params = params
@@ -115,6 +116,13 @@ class ModelRunner:
         self.dtype = params.embed.dtype
         self.attention_impl = attention_impl
         self.tight_rows = jax.default_backend() == "cpu"
+        # Decode-only steps of fewer sequences than the smallest token bucket get (T, B) buckets of
+        # 1, 2, 4, 8: the weights stream the same at M = 1 as at 16 but XLA's GEMMs are faster
+        # there, and the attention kernel sizes its kv splits for the real batch (default: on
+        # accelerators; on CPU the extra compiles cost more than they save).
+        self.small_decode = (
+            not self.tight_rows if small_decode_buckets is None else small_decode_buckets
+        )
         self.kv_sharding = rules.named_sharding(
             mesh, ("pages", "page_slots", "kv_heads", "head_dim")
         )
@@ -172,11 +180,14 @@ class ModelRunner:
         seqs = [c.seq for c in chunks]
         n = len(chunks)
         total = sched.num_batched_tokens
-        T = next(b for b in self.token_buckets if b >= total)
-        # Row buckets: on accelerators tied to the token bucket (one compile per token bucket; the
-        # padded rows' logits cost ~1% of a large prefill); on CPU as tight as possible, where
-        # padded logits rows are expensive.
-        B = min(_pow2(n, 8), self.max_rows) if self.tight_rows else min(T, self.max_rows)
+        if self.small_decode and total == n and n < self.token_buckets[0]:
+            T = B = _pow2(n, 1)
+        else:
+            T = next(b for b in self.token_buckets if b >= total)
+            # Row buckets: on accelerators tied to the token bucket (one compile per token bucket;
+            # the padded rows' logits cost ~1% of a large prefill); on CPU as tight as possible,
+            # where padded logits rows are expensive.
+            B = min(_pow2(n, 8), self.max_rows) if self.tight_rows else min(T, self.max_rows)
         ps = self.page_size
         slots = self.batch.slots(seqs)
 

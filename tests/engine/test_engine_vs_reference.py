@@ -115,6 +115,18 @@ def test_greedy_matches_dense_reference(overrides):
     assert engine.runner.num_compiled_variants <= 24
 
 
+def test_small_decode_buckets_match_dense_reference():
+    """The accelerators' exact (T, B) buckets of 1, 2, 4, 8 for small decode batches, forced on."""
+    prompts, max_tokens = workload()
+    engine = make_engine()
+    engine.runner.small_decode = True
+    outs = run(engine, prompts, greedy_params(max_tokens))
+    for i, (o, r) in enumerate(zip(outs, reference_outputs())):
+        assert o.outputs[0].token_ids == r, f"request {i} (prompt {len(prompts[i])} tokens)"
+    shapes = {layout.leaves[0][0][0] for layout, _ in engine.runner._out_layouts}
+    assert shapes & {1, 2, 4, 8}, f"no small decode bucket was used: {sorted(shapes)}"
+
+
 def seeded(max_tokens, seed):
     return SamplingParams(
         temperature=0.8, top_p=0.9, top_k=50, seed=seed, max_tokens=max_tokens, ignore_eos=True
