@@ -185,20 +185,7 @@ def launch_breakdown(llm: LLM, batch: int, context: int, repeats: int = 20) -> d
         runner.execute(prepared)
         busy.append(time.perf_counter() - t0)
     jax.block_until_ready((runner.kv, runner.prev_sampled))
-    with jax.set_mesh(runner.mesh):
-        hlo = (
-            runner._step.lower(
-                runner.params,
-                runner.kv,
-                buf,
-                runner.prev_sampled,
-                layout=layout,
-                static=st,
-                attention=attention,
-            )
-            .compile()
-            .as_text()
-        )
+    hlo = runner.lower(prepared).compile().as_text()
     _drain(llm, batch, "launch")
     ops = _entry_ops(hlo)
     return {

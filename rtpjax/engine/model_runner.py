@@ -275,12 +275,7 @@ class ModelRunner:
     def execute(self, step: PreparedStep) -> InflightStep:
         """Launch the step (asynchronously). Its small inputs travel as one buffer, its outputs
         come back as one (packing.py)."""
-        attention = PagedAttention(
-            scale=self.cfg.head_dim**-0.5,
-            sliding_window=self.cfg.sliding_window,
-            impl=self.attention_impl,
-            max_q_len=step.static.max_q_len,
-        )
+        attention = self._attention(step)
         buf, layout = packing.pack(step.inputs)
         key = (layout, step.static)
         out_layout = self._out_layouts.get(key)
@@ -302,6 +297,28 @@ class ModelRunner:
         outputs.copy_to_host_async()
         self._prev_rows = {c.seq.seq_id: b for b, c in enumerate(step.chunks) if c.samples}
         return InflightStep(step, outputs, out_layout)
+
+    def _attention(self, step: PreparedStep) -> PagedAttention:
+        return PagedAttention(
+            scale=self.cfg.head_dim**-0.5,
+            sliding_window=self.cfg.sliding_window,
+            impl=self.attention_impl,
+            max_q_len=step.static.max_q_len,
+        )
+
+    def lower(self, step: PreparedStep) -> jax.stages.Lowered:
+        """The jitted step lowered for `step`'s shapes (to inspect its compiled HLO)."""
+        buf, layout = packing.pack(step.inputs)
+        with jax.set_mesh(self.mesh):
+            return self._step.lower(
+                self.params,
+                self.kv,
+                buf,
+                self.prev_sampled,
+                layout=layout,
+                static=step.static,
+                attention=self._attention(step),
+            )
 
     def fetch(self, inflight: InflightStep) -> StepResult:
         """Block until the step is done and return its samples (rows that sample only)."""

@@ -98,6 +98,7 @@ def run_server(args: ServerArgs) -> int:
     try:
         llm = LLM(
             args.model,
+            tokenizer=args.tokenizer,
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,

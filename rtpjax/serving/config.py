@@ -21,6 +21,7 @@ class ServerArgs:
     these defaults. None means the engine's default."""
 
     model: str | None = None  # HF directory, GGUF file or Orbax checkpoint; None: the embedded one
+    tokenizer: str | None = None  # tokenizer directory or GGUF; None: the model's own
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (the startup line shows which)
     served_model_name: tuple[str, ...] | None = None
@@ -88,6 +89,7 @@ class ServerArgs:
 
 _KINDS: dict[str, tuple[type, ...]] = {
     "model": (str, type(None)),
+    "tokenizer": (str, type(None)),
     "host": (str,),
     "port": (int,),
     "served_model_name": (str, tuple, list, type(None)),
@@ -138,6 +140,10 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
         "--model",
         help="HF directory, .gguf file or Orbax checkpoint "
         "(default: the embedded SmolLM2-135M-Instruct)",
+    )
+    ap.add_argument(
+        "--tokenizer",
+        help="tokenizer directory (tokenizer.json) or .gguf file (default: the model's own)",
     )
     ap.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     ap.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")

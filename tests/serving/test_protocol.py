@@ -28,6 +28,8 @@ def test_flags_in_vllm_spelling():
         [
             "--model",
             "/m",
+            "--tokenizer",
+            "/t",
             "--host",
             "0.0.0.0",
             "--port",
@@ -58,6 +60,7 @@ def test_flags_in_vllm_spelling():
             "debug",
         ]
     )
+    assert (args.model, args.tokenizer) == ("/m", "/t")
     assert args.served_model_name == ("a", "b") and args.enable_prefix_caching is False
     assert (args.max_model_len, args.max_num_seqs, args.max_num_batched_tokens) == (1024, 8, 512)
     assert (args.tensor_parallel_size, args.kv_cache_memory_fraction) == (2, 0.5)

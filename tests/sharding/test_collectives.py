@@ -6,12 +6,10 @@ import collections
 import dataclasses
 import re
 
-import jax
 import jax.numpy as jnp
 import pytest
 
 from rtpjax.engine.engine import EngineConfig, LLMEngine
-from rtpjax.layers.paged_attention import PagedAttention
 from rtpjax.models.presets import preset, random_params
 from rtpjax.sampling_params import SamplingParams
 from rtpjax.sharding.mesh import make_mesh
@@ -31,23 +29,11 @@ def collectives(num_layers: int, tp: int) -> collections.Counter:
         max_model_len=64, max_num_seqs=8, max_num_batched_tokens=32, page_size=8, num_pages=40
     )
     engine = LLMEngine(cfg, random_params(cfg, jnp.float32, mesh), None, mesh, config, num_pages=40)
-    engine.add_request("a", None, [5] * 10, SamplingParams(max_tokens=2, detokenize=False, temperature=0.0))
+    engine.add_request(
+        "a", None, [5] * 10, SamplingParams(max_tokens=2, detokenize=False, temperature=0.0)
+    )
     prepared = engine.runner.prepare(engine.scheduler.schedule())
-    runner = engine.runner
-    attention = PagedAttention(scale=0.25, max_q_len=prepared.static.max_q_len)
-    with jax.set_mesh(mesh):
-        hlo = (
-            runner._step.lower(
-                runner.params,
-                runner.kv,
-                prepared.inputs,
-                runner.prev_sampled,
-                static=prepared.static,
-                attention=attention,
-            )
-            .compile()
-            .as_text()
-        )
+    hlo = engine.runner.lower(prepared).compile().as_text()
     return collections.Counter(COLLECTIVE.findall(hlo))
 
 

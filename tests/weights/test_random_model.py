@@ -18,5 +18,5 @@ def test_random_preset_takes_the_tokenizers_vocabulary_and_generates_decodable_t
 
 
 def test_unknown_random_preset_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown preset 'nope'.*llama3-8b"):
+    with pytest.raises(ValueError, match=r"unknown preset 'nope'.*llama3-8b"):
         load_model("random:nope")
