@@ -394,18 +394,43 @@ class AsyncLLMEngine:
         )
 
 
-def warm_up(engine: LLMEngine, prompt_len: int = 8, max_tokens: int = 2) -> float:
-    """Compile the common step shapes (prefill and decode, greedy and sampled, one row) by running
-    throw-away requests to completion; call on the engine thread before serving. Returns seconds."""
+def warm_up(
+    engine: LLMEngine, prompt_len: int = 8, max_tokens: int = 2, full: bool = False
+) -> float:
+    """Compile step shapes before serving by running throw-away requests to completion; call on
+    the engine thread. Always: prefill and decode of one row, greedy and sampled. `full` (what
+    the server does on accelerators, like vLLM capturing its CUDA graphs for every batch size):
+    also every greedy decode batch bucket up to max_num_seqs and every prefill token bucket, so
+    no request waits on a compile later. Returns seconds."""
     t0 = time.perf_counter()
-    ids = [min(100 + i, engine.model_config.vocab_size - 1) for i in range(prompt_len)]
-    for i, params in enumerate(
-        (
-            SamplingParams(temperature=0.0, max_tokens=max_tokens),
-            SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=0),
-        )
-    ):
-        engine.add_request(f"__warmup-{i}", None, ids, params)
+    vocab = engine.model_config.vocab_size
+    ids = [min(100 + i, vocab - 1) for i in range(prompt_len)]
+    greedy = SamplingParams(
+        temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False
+    )
+    sampled = SamplingParams(
+        temperature=1.0, max_tokens=max_tokens, seed=0, ignore_eos=True, detokenize=False
+    )
+    batches: list[list[tuple[list[int], SamplingParams]]] = [[(ids, greedy)], [(ids, sampled)]]
+    if full:
+        runner, cfg = engine.runner, engine.config
+        rows = [1 << k for k in range(cfg.max_num_seqs.bit_length()) if 1 << k < cfg.max_num_seqs]
+        for n in [*rows, cfg.max_num_seqs]:  # decode-only steps of n rows (every row bucket)
+            batches.append([([100 + i % 1000], greedy) for i in range(n)])
+        longest = cfg.max_model_len - max_tokens
+        for t in runner.token_buckets:  # one step of t prompt tokens
+            t = min(t, cfg.max_num_batched_tokens)
+            lens = [longest] * (t // longest) + ([t % longest] if t % longest else [])
+            # Distinct tokens per prompt: a prefix-cache hit would shrink the step.
+            batches.append(
+                [
+                    ([(100 + 131 * t + 7 * r + j) % vocab for j in range(k)], greedy)
+                    for r, k in enumerate(lens)
+                ]
+            )
+    for b, batch in enumerate(batches):
+        for r, (prompt, params) in enumerate(batch):
+            engine.add_request(f"__warmup-{b}-{r}", None, prompt, params)
         while engine.has_unfinished_requests():
             engine.step()
     return time.perf_counter() - t0

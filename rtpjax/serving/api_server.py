@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_server(args: ServerArgs) -> int:
     """Load, warm up, listen, print the address line, serve until SIGTERM/SIGINT; exit status."""
+    import jax
     import uvicorn
 
     from rtpjax.engine.async_engine import warm_up
@@ -116,12 +117,13 @@ def run_server(args: ServerArgs) -> int:
     engine.start()
     if args.warmup:
         print(
-            "warming up: compiling the common step shapes (prefill and decode, greedy and "
-            "sampled)...",
+            "warming up: compiling the step shapes (prefill and decode, greedy and sampled; on "
+            "accelerators every batch and token bucket)...",
             file=sys.stderr,
             flush=True,
         )
-        seconds = engine.call_sync(warm_up)
+        full = jax.default_backend() != "cpu"
+        seconds = engine.call_sync(lambda e: warm_up(e, full=full))
         variants = engine.call_sync(lambda e: e.runner.num_compiled_variants)
         print(
             f"warm-up done in {seconds:.1f} s ({variants} compiled step variants)",

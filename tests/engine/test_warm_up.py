@@ -1,0 +1,41 @@
+"""The server's full warm-up compiles every greedy step shape a workload can meet."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from rtpjax.engine.async_engine import warm_up
+from rtpjax.engine.engine import EngineConfig, LLMEngine
+from rtpjax.models.presets import preset, random_params
+from rtpjax.sampling_params import SamplingParams
+from rtpjax.sharding.mesh import make_mesh
+
+
+def test_full_warm_up_leaves_nothing_to_compile_for_greedy_traffic():
+    cfg = preset("tiny")
+    mesh = make_mesh(1)
+    config = EngineConfig(
+        max_model_len=48, max_num_seqs=8, max_num_batched_tokens=64, page_size=8, num_pages=120
+    )
+    engine = LLMEngine(
+        cfg, random_params(cfg, jnp.float32, mesh), None, mesh, config, num_pages=120
+    )
+    # Bucket as on an accelerator: rows tied to the token bucket, small exact decode buckets.
+    engine.runner.tight_rows, engine.runner.small_decode = False, True
+    warm_up(engine, full=True)
+    warmed = engine.runner.num_compiled_variants
+    # Greedy and sampled one-row prefill and decode, decode rows 2/4/8, token buckets 32/64.
+    assert warmed == 4 + 3 + 2
+
+    rng = np.random.default_rng(0)
+    for wave in range(3):  # staggered arrivals: mixed prefill + decode steps of many sizes
+        for i in range(int(rng.integers(1, 9))):
+            prompt = [int(t) for t in rng.integers(3, 500, int(rng.integers(1, 40)))]
+            sp = SamplingParams(
+                temperature=0.0, max_tokens=int(rng.integers(1, 8)), detokenize=False
+            )
+            engine.add_request(f"{wave}-{i}", None, prompt, sp)
+        for _ in range(int(rng.integers(0, 4))):
+            engine.step()
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.runner.num_compiled_variants == warmed
