@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from rtpjax.kernels import ragged_paged_attention as rpa
 from rtpjax.kernels import ragged_paged_attention_gpu as gpu
+from rtpjax.kernels.packed_prefill import packed_causal_attention
 
 T0 = time.time()
 LOG: list[str] = []
@@ -321,6 +322,63 @@ def prefill_section(rng, results, cases, sweep_configs=None):
         del pr
 
 
+def packed_prefill_section(results) -> None:
+    """Fresh-prefill steps (no cached prefix): the engine's cuDNN path over packed sequences
+    (kernels/packed_prefill.py) against cuDNN on one [1, T] sequence and against the reference."""
+    say("fresh prefill through packed cuDNN (the engine's path for steps without cached KV)")
+    K, G, H = 8, 4, 128
+    N = K * G
+    for lens in ([2048], [4096], [8192], [1024] * 4, [512] * 8):
+        T = sum(lens)
+        cu = jnp.asarray(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+        ns = jnp.asarray([len(lens)], jnp.int32)
+        q = jax.random.normal(jax.random.key(1), (T, N, H), jnp.bfloat16)
+        k = jax.random.normal(jax.random.key(2), (T, K, H), jnp.bfloat16)
+        v = jax.random.normal(jax.random.key(3), (T, K, H), jnp.bfloat16)
+        flops = sum(4 * N * H * n * (n + 1) / 2 for n in lens)
+        row = dict(lens=lens, flops=flops)
+        try:
+
+            @jax.jit
+            def packed(q, k, v, cu=cu, ns=ns):
+                def body(i, q):
+                    o = packed_causal_attention(q, k, v, cu, ns, sm_scale=H**-0.5, impl="cudnn")
+                    return q + o * jnp.zeros((), o.dtype)
+
+                return lax.fori_loop(0, 10, body, q)
+
+            t = median_time(packed, q, k, v) / 10
+            row.update(time_us=t * 1e6, tflops=flops / t / 1e12)
+            if len(lens) == 1:
+
+                @jax.jit
+                def plain(q, k, v):
+                    def body(i, q):
+                        o = jax.nn.dot_product_attention(
+                            q[None], k[None], v[None], is_causal=True, implementation="cudnn"
+                        )[0]
+                        return q + o * jnp.zeros((), o.dtype)
+
+                    return lax.fori_loop(0, 10, body, q)
+
+                tc = median_time(plain, q, k, v) / 10
+                row.update(cudnn_us=tc * 1e6, cudnn_tflops=flops / tc / 1e12, vs_cudnn=tc / t)
+            if T <= 4096:
+                out = packed_causal_attention(q, k, v, cu, ns, sm_scale=H**-0.5, impl="cudnn")
+                ref = packed_causal_attention(q, k, v, cu, ns, sm_scale=H**-0.5, impl="reference")
+                o32, r32 = out.astype(jnp.float32), ref.astype(jnp.float32)
+                row["rel_err"] = float(jnp.linalg.norm(o32 - r32) / jnp.linalg.norm(r32))
+            say(f"  {len(lens)} x {lens[0]:<5} {row['time_us']:8.0f} us"
+                f" {row['tflops']:6.1f} TFLOP/s"
+                f"  plain cuDNN {row.get('cudnn_tflops', float('nan')):6.1f}"
+                f"  ratio {row.get('vs_cudnn', float('nan')):.2f}"
+                f"  err={row.get('rel_err', float('nan')):.1e}")  # fmt: skip
+        except Exception as e:
+            row["error"] = repr(e)[:400]
+            say(f"  {lens[:2]} ERROR {e!r}"[:500])
+        results.setdefault("packed_prefill", []).append(row)
+
+
 def xla_fallback(rng, results, copy_bw) -> None:
     say("xla path on the GPU (fallback), decode B=64 ctx=2048")
     pr = make_problem(rng, [1] * 64, [2048] * 64, sets=2)
@@ -360,6 +418,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also try kernel block shapes")
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--skip-suite", action="store_true")
+    ap.add_argument("--packed-only", action="store_true", help="only the fresh-prefill section")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script: interpret mode")
     ap.add_argument("--once", default=None, help="B,ctx,q_len: 3 plain calls, for ncu")
@@ -410,6 +469,10 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1, default=str)
 
+    if args.packed_only:
+        packed_prefill_section(results)
+        dump()
+        return
     try:
         if not args.skip_suite and not args.smoke:
             correctness_suite(rng, results)
@@ -451,6 +514,8 @@ def main() -> None:
         prefill_section(rng, results, prefills)
         dump()
         if not args.smoke:
+            packed_prefill_section(results)
+            dump()
             xla_fallback(rng, results, copy_bw)
         write_kv_check(results)
     except Exception:

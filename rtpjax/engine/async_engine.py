@@ -400,8 +400,9 @@ def warm_up(
     """Compile step shapes before serving by running throw-away requests to completion; call on
     the engine thread. Always: prefill and decode of one row, greedy and sampled. `full` (what
     the server does on accelerators, like vLLM capturing its CUDA graphs for every batch size):
-    also every greedy decode batch bucket up to max_num_seqs and every prefill token bucket, so
-    no request waits on a compile later. Returns seconds."""
+    also every greedy decode batch bucket up to max_num_seqs and every prefill token bucket, both
+    fresh (no cached prefix) and mixed with a decode, so no request waits on a compile later.
+    Returns seconds."""
     t0 = time.perf_counter()
     vocab = engine.model_config.vocab_size
     ids = [min(100 + i, vocab - 1) for i in range(prompt_len)]
@@ -411,29 +412,41 @@ def warm_up(
     sampled = SamplingParams(
         temperature=1.0, max_tokens=max_tokens, seed=0, ignore_eos=True, detokenize=False
     )
-    batches: list[list[tuple[list[int], SamplingParams]]] = [[(ids, greedy)], [(ids, sampled)]]
+    Group = list[tuple[list[int], SamplingParams]]
+    # Each job: groups of requests, the first added at once, each next one a step later.
+    jobs: list[list[Group]] = [[[(ids, greedy)]], [[(ids, sampled)]]]
     if full:
         runner, cfg = engine.runner, engine.config
         rows = [1 << k for k in range(cfg.max_num_seqs.bit_length()) if 1 << k < cfg.max_num_seqs]
         for n in [*rows, cfg.max_num_seqs]:  # decode-only steps of n rows (every row bucket)
-            batches.append([([100 + i % 1000], greedy) for i in range(n)])
-        longest = cfg.max_model_len - max_tokens
-        for t in runner.token_buckets:  # one step of t prompt tokens
+            jobs.append([[([100 + i % 1000], greedy) for i in range(n)]])
+        for t in runner.token_buckets:
             t = min(t, cfg.max_num_batched_tokens)
-            lens = [longest] * (t // longest) + ([t % longest] if t % longest else [])
-            # Distinct tokens per prompt: a prefix-cache hit would shrink the step.
-            batches.append(
-                [
-                    ([(100 + 131 * t + 7 * r + j) % vocab for j in range(k)], greedy)
-                    for r, k in enumerate(lens)
-                ]
-            )
-    for b, batch in enumerate(batches):
-        for r, (prompt, params) in enumerate(batch):
-            engine.add_request(f"__warmup-{b}-{r}", None, prompt, params)
+            jobs.append([_prompts(t, t, cfg.max_model_len - max_tokens, vocab, greedy)])
+            if runner.cudnn_prefill and t > 1:  # a decode beside t - 1 prompt tokens: not fresh
+                decode = SamplingParams(
+                    temperature=0.0, max_tokens=3, ignore_eos=True, detokenize=False
+                )
+                rest = _prompts(t - 1, t + 7919, cfg.max_model_len - max_tokens, vocab, greedy)
+                jobs.append([[([100], decode)], rest])
+    for b, job in enumerate(jobs):
+        for g, group in enumerate(job):
+            for r, (prompt, params) in enumerate(group):
+                engine.add_request(f"__warmup-{b}-{g}-{r}", None, prompt, params)
+            engine.step()
         while engine.has_unfinished_requests():
             engine.step()
     return time.perf_counter() - t0
+
+
+def _prompts(total: int, tag: int, longest: int, vocab: int, params: SamplingParams) -> list:
+    """Prompts of at most `longest` tokens adding up to `total`, with tokens no other warm-up
+    prompt shares (a prefix-cache hit would shrink the step)."""
+    lens = [longest] * (total // longest) + ([total % longest] if total % longest else [])
+    return [
+        ([(100 + 131 * tag + 7 * r + j) % vocab for j in range(k)], params)
+        for r, k in enumerate(lens)
+    ]
 
 
 def _detach(out: RequestOutput) -> RequestOutput:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -25,6 +26,7 @@ from rtpjax.config import ModelConfig
 from rtpjax.engine import packing
 from rtpjax.engine.input_batch import InputBatch
 from rtpjax.engine.scheduler import ScheduledChunk, SchedulerOutput
+from rtpjax.kernels import packed_prefill
 from rtpjax.layers import sampler as sampler_lib
 from rtpjax.layers.paged_attention import PagedAttention, PagedMeta
 from rtpjax.models import llama
@@ -60,6 +62,7 @@ class StepStatic(NamedTuple):
     flags: sampler_lib.SamplerFlags
     max_q_len: int | None  # 1 for decode-only steps
     prompt_logprobs: bool
+    fresh_prefill: bool = False  # no sequence has cached KV: cuDNN attention (packed_prefill.py)
 
 
 @dataclasses.dataclass
@@ -132,6 +135,14 @@ class ModelRunner:
         eos = frozenset(cfg.eos_token_ids) if eos_token_ids is None else eos_token_ids
         self.batch = InputBatch(self.pages_per_seq, eos, max_num_seqs)
         self._out_layouts: dict[tuple, packing.Layout] = {}  # one per compiled variant
+        # Steps whose sequences all start at position 0 take cuDNN's flash attention on GPUs
+        # (RTPJAX_CUDNN_PREFILL=0 keeps them on the paged kernel).
+        self.cudnn_prefill = (
+            attention_impl == "auto"
+            and cfg.sliding_window is None
+            and packed_prefill.cudnn_supported(cfg.head_dim, self.dtype)
+            and os.environ.get("RTPJAX_CUDNN_PREFILL", "1") != "0"
+        )
         self._step = jax.jit(
             functools.partial(_device_step, cfg=cfg),
             static_argnames=("layout", "static", "attention"),
@@ -269,7 +280,8 @@ class ModelRunner:
             penalty_tokens,
             output_tokens,
         )
-        static = StepStatic(flags, max_q_len, want_prompt_lp)
+        fresh = self.cudnn_prefill and max_q_len is None and not starts.any()
+        static = StepStatic(flags, max_q_len, want_prompt_lp, fresh)
         return PreparedStep(inputs, static, list(chunks), needs_sync=flags.use_penalties)
 
     def execute(self, step: PreparedStep) -> InflightStep:
@@ -304,6 +316,7 @@ class ModelRunner:
             sliding_window=self.cfg.sliding_window,
             impl=self.attention_impl,
             max_q_len=step.static.max_q_len,
+            fresh_prefill=step.static.fresh_prefill,
         )
 
     def lower(self, step: PreparedStep) -> jax.stages.Lowered:

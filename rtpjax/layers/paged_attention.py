@@ -10,6 +10,7 @@ from typing import NamedTuple
 import jax
 from jax.sharding import PartitionSpec as P
 
+from rtpjax.kernels.packed_prefill import packed_causal_attention
 from rtpjax.kernels.ragged_paged_attention import ragged_paged_attention, write_kv
 
 
@@ -26,13 +27,17 @@ class PagedMeta(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class PagedAttention:
     """Static (hashable) settings; `max_q_len` is the step bucket's bound on any sequence's query
-    tokens (1 for decode-only steps), used by the kernels to pick block shapes."""
+    tokens (1 for decode-only steps), used by the kernels to pick block shapes. `fresh_prefill`:
+    every sequence of the step starts at position 0, so attention reads only the step's own
+    keys and values (cuDNN flash attention over the packed tokens, kernels/packed_prefill.py);
+    the keys and values are still written to the pages for later steps."""
 
     scale: float
     sliding_window: int | None = None
     soft_cap: float | None = None
     impl: str = "auto"
     max_q_len: int | None = None
+    fresh_prefill: bool = False
 
     def __call__(self, q, k, v, kv_pages, meta: PagedMeta):
         mesh = jax.sharding.get_abstract_mesh()
@@ -63,6 +68,13 @@ class PagedAttention:
     def _local(self, q, k, v, kv_pages, meta: PagedMeta):
         T, K, G, H = q.shape
         kv_pages = write_kv(kv_pages, k, v, meta.slot_mapping)
+        if self.fresh_prefill:
+            if self.sliding_window is not None or self.soft_cap is not None:
+                raise ValueError("fresh_prefill supports neither sliding_window nor soft_cap")
+            out = packed_causal_attention(
+                q.reshape(T, K * G, H), k, v, meta.cu_q_lens, meta.num_seqs, sm_scale=self.scale
+            )
+            return out.reshape(T, K, G, H), kv_pages
         out = ragged_paged_attention(
             q.reshape(T, K * G, H),
             kv_pages,

@@ -115,16 +115,21 @@ def test_greedy_matches_dense_reference(overrides):
     assert engine.runner.num_compiled_variants <= 24
 
 
-def test_small_decode_buckets_match_dense_reference():
-    """The accelerators' exact (T, B) buckets of 1, 2, 4, 8 for small decode batches, forced on."""
+def test_accelerator_step_shapes_match_dense_reference():
+    """What the engine does on GPUs, forced on CPU: rows tied to the token bucket, exact (T, B)
+    buckets of 1, 2, 4, 8 for small decode batches, and fresh-prefill steps (no cached prefix)
+    through packed causal attention instead of the paged kernel."""
     prompts, max_tokens = workload()
     engine = make_engine()
-    engine.runner.small_decode = True
+    runner = engine.runner
+    runner.tight_rows, runner.small_decode, runner.cudnn_prefill = False, True, True
     outs = run(engine, prompts, greedy_params(max_tokens))
     for i, (o, r) in enumerate(zip(outs, reference_outputs())):
         assert o.outputs[0].token_ids == r, f"request {i} (prompt {len(prompts[i])} tokens)"
-    shapes = {layout.leaves[0][0][0] for layout, _ in engine.runner._out_layouts}
+    shapes = {layout.leaves[0][0][0] for layout, _ in runner._out_layouts}
     assert shapes & {1, 2, 4, 8}, f"no small decode bucket was used: {sorted(shapes)}"
+    fresh = [static.fresh_prefill for _, static in runner._out_layouts]
+    assert any(fresh) and not all(fresh), "both fresh and cached-prefix steps must occur"
 
 
 def seeded(max_tokens, seed):

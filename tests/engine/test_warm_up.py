@@ -19,12 +19,15 @@ def test_full_warm_up_leaves_nothing_to_compile_for_greedy_traffic():
     engine = LLMEngine(
         cfg, random_params(cfg, jnp.float32, mesh), None, mesh, config, num_pages=120
     )
-    # Bucket as on an accelerator: rows tied to the token bucket, small exact decode buckets.
-    engine.runner.tight_rows, engine.runner.small_decode = False, True
+    # Step shapes as on a GPU: rows tied to the token bucket, small exact decode buckets, fresh
+    # prefills apart from prefills over cached KV.
+    runner = engine.runner
+    runner.tight_rows, runner.small_decode, runner.cudnn_prefill = False, True, True
     warm_up(engine, full=True)
-    warmed = engine.runner.num_compiled_variants
-    # Greedy and sampled one-row prefill and decode, decode rows 2/4/8, token buckets 32/64.
-    assert warmed == 4 + 3 + 2
+    warmed = runner.num_compiled_variants
+    # Greedy and sampled one-row prefill and decode, decode rows 2/4/8, fresh token buckets
+    # 32/64, mixed token buckets 16/32/64.
+    assert warmed == 4 + 3 + 2 + 3
 
     rng = np.random.default_rng(0)
     for wave in range(3):  # staggered arrivals: mixed prefill + decode steps of many sizes
