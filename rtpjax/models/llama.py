@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from rtpjax.config import ModelConfig
+from rtpjax.kernels import skinny_matmul as skinny
 from rtpjax.layers.attention import Attention
 from rtpjax.layers.norm import rms_norm
 from rtpjax.layers.rope import apply_rope, cos_sin, inv_freq
@@ -130,11 +131,19 @@ def block(
     attention: Attention,
     adapters: Adapters | None = None,
     index: int = 0,
+    *,
+    matmul: str = "auto",
 ) -> tuple[jax.Array, Any]:
-    """Decoder layer number `index`. x: [T, D]; cos, sin: [T, H]. Returns (x [T, D], cache)."""
+    """Decoder layer number `index`. x: [T, D]; cos, sin: [T, H]. Returns (x [T, D], cache).
+    `matmul`: see `use_skinny`."""
     G = cfg.q_per_kv
+    T, D = x.shape
+    stream = use_skinny(x, matmul)
     h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-    qkv = jnp.einsum("TD,KCHD->TKCH", h, layer.w_qkv)  # [T, K, G+2, H]
+    if stream:
+        qkv = _stream(h, layer.w_qkv.reshape(-1, D)).reshape(T, *layer.w_qkv.shape[:3])
+    else:
+        qkv = jnp.einsum("TD,KCHD->TKCH", h, layer.w_qkv)  # [T, K, G+2, H]
     q, k, v = qkv[:, :, :G], qkv[:, :, G], qkv[:, :, G + 1]  # [T,K,G,H], [T,K,H], [T,K,H]
     if adapters is not None:
         q, k, v = _adapt_qkv(adapters, index, h, layer, q, k, v)
@@ -148,7 +157,10 @@ def block(
         k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     o, cache = attention(q, k, v, cache, meta)  # [T, K, G, H]
-    attn_out = jnp.einsum("TKGH,DKGH->TD", o, layer.w_o)
+    if stream:
+        attn_out = _stream(o.reshape(T, -1), layer.w_o.reshape(D, -1))
+    else:
+        attn_out = jnp.einsum("TKGH,DKGH->TD", o, layer.w_o)
     if adapters is not None and "o_proj" in adapters.targets(index):
         w_o = layer.w_o
         attn_out = adapters.apply(
@@ -162,7 +174,11 @@ def block(
         attn_out = attn_out + layer.b_o
     x = x + attn_out
     h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
-    gate_up = jnp.einsum("TD,CFD->TCF", h, layer.w_gate_up)  # [T, 2, F]
+    if stream:
+        w_gu = layer.w_gate_up
+        gate_up = _stream(h, w_gu.reshape(-1, D)).reshape(T, *w_gu.shape[:2])
+    else:
+        gate_up = jnp.einsum("TD,CFD->TCF", h, layer.w_gate_up)  # [T, 2, F]
     gate_up = constrain(gate_up, ("tokens", "gate_up", "mlp"))
     gate, up = gate_up[:, 0], gate_up[:, 1]  # [T, F]
     if adapters is not None:
@@ -173,7 +189,10 @@ def block(
         if "up_proj" in live:
             up = adapters.apply(index, "up_proj", h, up, lambda: w_gu[1])
     act = jax.nn.silu(gate) * up  # [T, F]
-    down = jnp.einsum("TF,DF->TD", act, layer.w_down)
+    if stream:
+        down = _stream(act, layer.w_down)
+    else:
+        down = jnp.einsum("TF,DF->TD", act, layer.w_down)
     if adapters is not None and "down_proj" in adapters.targets(index):
         w_down = layer.w_down
         down = adapters.apply(index, "down_proj", act, down, lambda: w_down)
@@ -192,6 +211,7 @@ def forward(
     *,
     adapters: Adapters | None = None,
     collect_hidden: bool = False,
+    matmul: str = "auto",
 ) -> tuple[jax.Array, list[Any], list[jax.Array]]:
     """tokens, positions: i32[T] → (final-normed hidden [T, D], updated caches, per-layer hidden).
 
@@ -204,7 +224,9 @@ def forward(
     new_caches = []
     for i, layer in enumerate(params.layers):
         with jax.named_scope(f"layer{i}"):
-            x, cache = block(layer, cfg, x, cos, sin, caches[i], meta, attention, adapters, i)
+            x, cache = block(
+                layer, cfg, x, cos, sin, caches[i], meta, attention, adapters, i, matmul=matmul
+            )
         new_caches.append(cache)
         if collect_hidden:
             hidden.append(x)
@@ -212,8 +234,36 @@ def forward(
     return x, new_caches, hidden
 
 
-def logits(params: Params, x: jax.Array) -> jax.Array:
+def logits(params: Params, x: jax.Array, *, matmul: str = "auto") -> jax.Array:
     """x: [T, D] (final-normed) → f32[T, V]."""
     head = params.embed if params.lm_head is None else params.lm_head
-    out = jnp.einsum("TD,VD->TV", x, head, preferred_element_type=jnp.float32)
+    if use_skinny(x, matmul):
+        out = _stream(x, head, jnp.float32)
+    else:
+        out = jnp.einsum("TD,VD->TV", x, head, preferred_element_type=jnp.float32)
     return constrain(out, ("tokens", "vocab"))
+
+
+# Decode steps of at most this many tokens stream the weights through kernels/skinny_matmul on
+# GPUs (measured faster than XLA's GEMMs up to M = 8; docs/kernels/skinny_matmul.md).
+SKINNY_MAX_TOKENS = 8
+
+
+def use_skinny(x: jax.Array, matmul: str) -> bool:
+    """Whether this step's projections take the weight-streaming kernel. `matmul`: "auto" (GPU,
+    at most SKINNY_MAX_TOKENS tokens, no tensor parallelism, a supported dtype), "xla" (never),
+    "skinny" (always: off a GPU the kernel runs in Pallas interpret mode; for tests)."""
+    if matmul not in ("auto", "xla", "skinny"):
+        raise ValueError(f"matmul={matmul!r} must be one of auto, xla, skinny")
+    if matmul != "auto":
+        return matmul == "skinny"
+    mesh = jax.sharding.get_abstract_mesh()
+    tp = 1 if mesh.empty else mesh.shape.get("tensor", 1)
+    return x.shape[0] <= SKINNY_MAX_TOKENS and tp == 1 and jax.default_backend() == "gpu"
+
+
+def _stream(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """x[M, K] · w[N, K]ᵀ through the weight-streaming kernel (XLA for shapes it does not cover)."""
+    (M, K), N = x.shape, w.shape[0]
+    ok = x.dtype == w.dtype and skinny.supports(M, N, K, x.dtype)
+    return skinny.skinny_matmul(x, w, out_dtype=out_dtype, impl="gpu" if ok else "xla")
