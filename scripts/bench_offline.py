@@ -177,6 +177,10 @@ def launch_breakdown(llm: LLM, batch: int, context: int, repeats: int = 20) -> d
         return out
 
     call_ms = ms(call_dev)
+    # The same arguments into a jitted function that does nothing with them: the dispatch cost of
+    # the step's ~260 argument arrays alone, without its kernels.
+    noop = jax.jit(lambda params, kv, buf: buf[0])
+    noop_ms = ms(lambda: noop(runner.params, runner.kv, buf_dev))
     idle_ms = ms(lambda: runner.execute(prepared).outputs)
     busy = []
     jax.block_until_ready(runner.kv)
@@ -192,6 +196,7 @@ def launch_breakdown(llm: LLM, batch: int, context: int, repeats: int = 20) -> d
         "batch": batch,
         "put_inputs_ms": put_ms,
         "put_packed_inputs_ms": pack_put_ms,
+        "noop_same_args_ms": noop_ms,
         "call_device_inputs_ms": call_ms,
         "execute_idle_ms": idle_ms,
         "execute_busy_ms": float(np.median(busy[2:]) * 1e3),
@@ -425,7 +430,8 @@ def main(argv=None) -> int:
                 "launch",
                 f"idle {r['execute_idle_ms']:.2f} ms, busy {r['execute_busy_ms']:.2f} ms",
                 f"batch {b}: inputs put {r['put_inputs_ms']:.2f} ms (packed "
-                f"{r['put_packed_inputs_ms']:.2f}), call with device inputs "
+                f"{r['put_packed_inputs_ms']:.2f}), no-op with the same args "
+                f"{r['noop_same_args_ms']:.2f} ms, call with device inputs "
                 f"{r['call_device_inputs_ms']:.2f} ms; ops {r['entry_ops']}",
             )
         )
