@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from rtpjax import LLM, SamplingParams
 from rtpjax.engine import packing
+from rtpjax.engine.async_engine import warm_up
 from rtpjax.layers.paged_attention import PagedAttention
 from rtpjax.models import llama
 from rtpjax.models.params import num_bytes
@@ -343,12 +344,20 @@ def main(argv=None) -> int:
     )
     t0 = time.perf_counter()
     run_batch(llm, warm, params_for(4))
+    if is_gpu:  # what the server does at start-up: every decode and prefill bucket
+        warm_up(llm.engine, full=True)
     results["warmup_s"] = time.perf_counter() - t0
+    results["variants_after_warmup"] = llm.engine.runner.num_compiled_variants
 
     if "throughput" in phases:
         prompts = random_prompts(args.num_requests, args.input_len, cfg.vocab_size, 2)
+        llm.engine.stats.step_log.clear()
+        before = llm.engine.runner.num_compiled_variants
         wall, outs = run_batch(llm, prompts, params_for(args.output_len))
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        log = llm.engine.stats.step_log
+        # A step whose launch took over half a second compiled a new variant.
+        slow = [r[3] for r in log if r[3] > 0.5]
         host = llm.engine.stats.host_ms(min_batch=max(1, int(0.8 * args.max_num_seqs)))
         results["throughput"] = {
             "wall_s": wall,
@@ -356,12 +365,18 @@ def main(argv=None) -> int:
             "output_tok_s": out_tokens / wall,
             "total_tok_s": (out_tokens + args.num_requests * args.input_len) / wall,
             "host_ms_steady_decode": host,
+            "steps": len(log),
+            "device_wait_s": sum(r[4] for r in log),
+            "variants_compiled": llm.engine.runner.num_compiled_variants - before,
+            "compile_s": sum(slow),
         }
         rows.append(
             (
                 "throughput",
                 f"{out_tokens / wall:,.0f} out tok/s",
-                f"{wall:.1f} s for {args.num_requests} req x {args.input_len}+{args.output_len}",
+                f"{wall:.1f} s for {args.num_requests} req x {args.input_len}+{args.output_len};"
+                f" {len(log)} steps, {results['throughput']['variants_compiled']} compiles,"
+                f" launches over 0.5 s: {sum(slow):.1f} s",
             )
         )
         if host:
