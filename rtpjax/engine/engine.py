@@ -72,12 +72,23 @@ class _SeqState:
     seq: Sequence
     index: int
     detok: IncrementalDetokenizer | None  # None when the request asked detokenize=False
-    text: str = ""
+    # The text is kept as its deltas and joined when read (`text`): one copy per output, not one
+    # per token. text_joined holds the deltas joined so far, text_parts the ones added since.
+    text_joined: str = ""
+    text_parts: list[str] = dataclasses.field(default_factory=list)
+    stop_window: str = ""  # the text's last (longest stop string - 1) characters
     sent_tokens: int = 0  # "delta" outputs: tokens / characters / logprobs already returned
     sent_chars: int = 0
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float = 0.0
     stop_reason: int | str | None = None
+
+    @property
+    def text(self) -> str:
+        if self.text_parts:
+            self.text_joined += "".join(self.text_parts)
+            self.text_parts.clear()
+        return self.text_joined
 
 
 @dataclasses.dataclass
@@ -302,15 +313,15 @@ class LLMEngine:
         now = time.monotonic()
         for seq_id, (start, lp, top_i, top_lp) in result.prompt_logprobs.items():
             self._add_prompt_logprobs(seq_id, start, lp, top_i, top_lp)
-        sampled = {sid: [int(t)] for sid, t in zip(result.seq_ids, result.token_ids)}
-        upd = self.scheduler.update(sampled)
-        row = {sid: i for i, sid in enumerate(result.seq_ids)}
+        # One sampled token per row: {seq_id: (token,)}.
+        upd = self.scheduler.update(dict(zip(result.seq_ids, zip(result.token_ids.tolist()))))
+        rows: dict[int, int] | None = None  # seq_id → result row, built once logprobs need it
+        ended: dict[str, _Request] = {}
         for seq in upd.updated:
             entry = self._by_seq.get(seq.seq_id)
             if entry is None:
                 continue
             req, state = entry
-            i = row[seq.seq_id]
             token = seq.output_token_ids[-1]
             m = req.metrics
             if m.first_token_time is None:
@@ -318,51 +329,64 @@ class LLMEngine:
                 m.num_cached_tokens = max(m.num_cached_tokens, seq.num_cached_tokens)
             m.token_times.append(now)
             if state.logprobs is not None:
-                k = req.params.logprobs
-                d = {
-                    int(t): float(v)
-                    for t, v in zip(result.top_ids[i][:k], result.top_logprobs[i][:k])
-                }
-                d[token] = float(result.logprob[i])
-                state.logprobs.append(d)
-                state.cumulative_logprob += float(result.logprob[i])
-            self._append_text(req, state, token)
+                if rows is None:
+                    rows = {sid: i for i, sid in enumerate(result.seq_ids)}
+                self._append_logprobs(req, state, result, rows[seq.seq_id], token)
+            if state.detok is not None:
+                self._append_text(req, state, token)
             changed[req.request_id] = req
-        for req in list(changed.values()):
+            if seq.is_finished:  # by a stop id or max_tokens (update) or a stop string (above)
+                ended[req.request_id] = req
+        for req in ended.values():
             if req.finished:
                 self._retire(req)
 
+    @staticmethod
+    def _append_logprobs(
+        req: _Request, state: _SeqState, result: StepResult, i: int, token: int
+    ) -> None:
+        k = req.params.logprobs
+        d = {int(t): float(v) for t, v in zip(result.top_ids[i][:k], result.top_logprobs[i][:k])}
+        d[token] = float(result.logprob[i])
+        state.logprobs.append(d)
+        state.cumulative_logprob += float(result.logprob[i])
+
     def _append_text(self, req: _Request, state: _SeqState, token: int) -> None:
         seq, p = state.seq, req.params
-        if state.detok is None:
-            return
-        stopped_by_token = seq.is_finished and seq.finish_reason == FinishReason.STOP
-        if stopped_by_token:
+        if seq.is_finished and seq.finish_reason == FinishReason.STOP:
             # A stop token's text is not part of the output (as vLLM); EOS decodes to "" anyway.
             state.stop_reason = token if token in p.stop_token_ids else None
             if p.include_stop_str_in_output and token in p.stop_token_ids:
-                state.text += state.detok.add(token)
+                state.text_parts.append(state.detok.add(token))
             return
         delta = state.detok.add(token)
-        if not p.stop:
-            state.text += delta
-            return
-        before = len(state.text)
-        state.text += delta
-        longest = max(map(len, p.stop))
-        begin = max(0, before - longest + 1)
+        if delta:
+            state.text_parts.append(delta)
+            if p.stop:
+                self._find_stop_string(p, state, delta)
+
+    def _find_stop_string(self, p: SamplingParams, state: _SeqState, delta: str) -> None:
+        """End the sequence at the earliest stop string that `delta`, just added, completes.
+
+        Only the new text can complete a stop string, so the search covers the last
+        (longest - 1) characters before delta plus delta, never the whole text.
+        """
+        window = state.stop_window + delta
         hit = None
         for s in p.stop:
-            j = state.text.find(s, begin)
+            j = window.find(s)
             if j >= 0 and (hit is None or j < hit[0]):
                 hit = (j, s)
-        if hit is not None:
-            j, s = hit
-            state.text = (
-                state.text[: j + len(s)] if p.include_stop_str_in_output else state.text[:j]
-            )
-            state.stop_reason = s
-            self.scheduler.finish(seq, FinishReason.STOP)
+        if hit is None:
+            keep = max(map(len, p.stop)) - 1
+            state.stop_window = window[max(0, len(window) - keep) :]
+            return
+        j, s = hit
+        text = state.text
+        at = len(text) - len(window) + j  # the stop string's index in the whole text
+        state.text_joined = text[: at + len(s)] if p.include_stop_str_in_output else text[:at]
+        state.stop_reason = s
+        self.scheduler.finish(state.seq, FinishReason.STOP)
 
     def _add_prompt_logprobs(self, seq_id, start, lp, top_i, top_lp) -> None:
         entry = self._by_seq.get(seq_id)
@@ -404,16 +428,16 @@ class LLMEngine:
             else:
                 # Copies: the engine keeps appending to its own lists after this output is handed
                 # to another thread.
-                ids = list(ids)
-                lps = None if lps is None else list(lps)
+                ids = ids.copy()
+                lps = None if lps is None else lps.copy()
             outs.append(
                 CompletionOutput(
                     index=s.index,
                     text=text,
                     token_ids=ids,
-                    cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                    cumulative_logprob=s.cumulative_logprob if lps is not None else None,
                     logprobs=lps,
-                    finish_reason=None if reason is None else str(reason.value),
+                    finish_reason=None if reason is None else reason.value,
                     stop_reason=s.stop_reason,
                 )
             )

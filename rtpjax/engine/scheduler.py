@@ -194,6 +194,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         cfg, bm = self.config, self.block_manager
+        page_size = cfg.page_size
         budget = cfg.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
@@ -206,17 +207,20 @@ class Scheduler:
                 i += 1
                 continue
             n, from_device = plan
-            need = _cdiv(seq.num_computed_tokens + n, cfg.page_size) - len(seq.page_ids)
-            # Victims come from the tail, which this loop has not reached: no chunk is undone.
-            while not bm.can_allocate(need):
-                victim = self.running.pop()
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
+            # Most decode steps stay inside the last page: the allocator is asked only when the
+            # chunk reaches past the pages the sequence holds.
+            if seq.num_computed_tokens + n > len(seq.page_ids) * page_size:
+                need = _cdiv(seq.num_computed_tokens + n, page_size) - len(seq.page_ids)
+                # Victims come from the tail, which this loop has not reached: no chunk is undone.
+                while not bm.can_allocate(need):
+                    victim = self.running.pop()
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not SequenceStatus.RUNNING:
                     break
-            if seq.status is not SequenceStatus.RUNNING:
-                break
-            seq.page_ids += bm.allocate(need)
+                seq.page_ids += bm.allocate(need)
             chunks.append(self._advance(seq, n, from_device))
             budget -= n
             i += 1
@@ -281,7 +285,9 @@ class Scheduler:
         seq.num_computed_tokens += n
         if samples:
             seq.num_pending += 1
-        self._cache_full_pages(seq)
+        # A from_device chunk computes only the unknown token, which fills no page of known tokens.
+        if not from_device:
+            self._cache_full_pages(seq)
         return ScheduledChunk(seq, start, n, samples, from_device)
 
     def _match_prefix(self, seq: Sequence) -> list[int]:
@@ -325,6 +331,8 @@ class Scheduler:
         Tokens of a sequence finished or aborted meanwhile are dropped. A list with several tokens
         (speculative decoding) is appended in order up to the first stop.
         """
+        caching = self.block_manager.enable_prefix_caching
+        page_size = self.config.page_size
         updated: list[Sequence] = []
         finished: list[Sequence] = []
         for seq_id, tokens in sampled.items():
@@ -339,13 +347,19 @@ class Scheduler:
                     del self._seqs[seq_id]
                 continue
             for token in tokens:
-                seq.append_token(int(token))
-                reason = seq.stop_reason_for(int(token))
+                token = int(token)
+                seq.append_token(token)
+                reason = seq.stop_reason_for(token)
                 if reason is not None:
                     self.finish(seq, reason)
                     finished.append(seq)
                     break
             updated.append(seq)
-            if seq.status is SequenceStatus.RUNNING:
+            # Most tokens fill no page: test that cheaply before the full check.
+            if (
+                caching
+                and seq.status is SequenceStatus.RUNNING
+                and seq.num_tokens >= (seq.num_registered_pages + 1) * page_size
+            ):
                 self._cache_full_pages(seq)
         return UpdateOutput(updated, finished)

@@ -7,7 +7,8 @@ character that the full decode would not show.
 
 Two paths:
 - byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM): decode is the UTF-8 of the tokens' bytes, so each
-  token's bytes go through an incremental UTF-8 decoder: O(1) per token.
+  token's bytes go through an incremental UTF-8 decoder (or straight to str when they are whole
+  characters and no character is pending): O(1) per token.
 - any other decoder (SentencePiece's byte fallback and leading-space strip...): decode a short
   window of recent tokens and emit what it adds beyond the previous window (vLLM's offsets).
 """
@@ -36,23 +37,47 @@ class IncrementalDetokenizer:
         self.prompt_len = len(prompt_ids)
         self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []
-        self.text = ""
+        # The text is kept as its deltas and joined when read: add() stays O(1) however long the
+        # text grows. _text holds the deltas joined so far, _deltas the ones added since.
+        self._text = ""
+        self._deltas: list[str] = []
         self._pieces = tokenizer.byte_level_pieces()
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._utf8_buffered = False  # the incremental decoder holds part of a character
         # Window path: token_ids[prefix:read] was decoded last time and is text already emitted.
         self._prefix = 0
         self._read = 0
         self._byte_fallback = bool(getattr(tokenizer.backend.model, "byte_fallback", False))
 
+    @property
+    def text(self) -> str:
+        """Everything returned so far (the deltas of add and finish, joined)."""
+        if self._deltas:
+            self._text += "".join(self._deltas)
+            self._deltas.clear()
+        return self._text
+
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes ("" while a character is incomplete)."""
         token_id = int(token_id)
         self.token_ids.append(token_id)
-        if self._pieces is not None:
-            delta = self._utf8.decode(self._pieces.get(token_id, self.skip_special_tokens))
-        else:
+        if self._pieces is None:
             delta = self._add_windowed()
-        self.text += delta
+        else:
+            piece = self._pieces.get(token_id, self.skip_special_tokens)
+            delta = None
+            if not self._utf8_buffered:
+                try:
+                    delta = piece.decode("utf-8")  # whole characters: almost every token
+                except UnicodeDecodeError:
+                    delta = None
+            if delta is None:
+                # Part of a character (or invalid bytes): the incremental decoder keeps what
+                # belongs to the next token and replaces what is invalid, as decode() does.
+                delta = self._utf8.decode(piece)
+                self._utf8_buffered = bool(self._utf8.getstate()[0])
+        if delta:
+            self._deltas.append(delta)
         return delta
 
     def finish(self) -> str:
@@ -60,10 +85,13 @@ class IncrementalDetokenizer:
         bytes of a character the sequence never completed."""
         if self._pieces is not None:
             delta = self._utf8.decode(b"", final=True)
+            self._utf8_buffered = False
         else:
             full = self._decode(self.token_ids)
-            delta = full[len(self.text) :] if full.startswith(self.text) else ""
-        self.text += delta
+            text = self.text
+            delta = full[len(text) :] if full.startswith(text) else ""
+        if delta:
+            self._deltas.append(delta)
         return delta
 
     def _add_windowed(self) -> str:

@@ -1,0 +1,263 @@
+"""The engine's host paths per decode step: stop strings searched over the new text only, text
+joined lazily, outputs per output_kind, retirement, page allocation and prefix-cache registration
+only where a page boundary is crossed.
+
+The engine runs with its runner's prepare / execute / fetch replaced by a scripted device: each
+sequence samples the next id of its script, so every case is exact and no model is compiled.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import types
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rtpjax.engine.block_manager import BlockManager
+from rtpjax.engine.engine import EngineConfig, LLMEngine
+from rtpjax.engine.model_runner import StepResult
+from rtpjax.engine.scheduler import Scheduler, SchedulerConfig
+from rtpjax.engine.sequence import Sequence
+from rtpjax.models.presets import preset, random_params
+from rtpjax.sampling_params import SamplingParams
+from rtpjax.sharding.mesh import make_mesh
+from rtpjax.tokenizer import IncrementalDetokenizer, Tokenizer
+from tests.conftest import FIXTURES
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Stop here, or stop there? café 😀 naïve "
+    "END of line\n\nNew paragraph: 42 + 7 = 49; <tag> and </tag>. "
+)
+
+
+FILLER = 300  # an id no script reaches the output with
+
+
+class ScriptedDevice:
+    """Stands in for the runner's device phases; sequence k of request r samples scripts[r][k]."""
+
+    def __init__(self) -> None:
+        self.scripts: dict[int, list[int]] = {}  # seq_id → ids to sample, in order
+        self.sampled: dict[int, int] = {}  # seq_id → ids sampled so far
+
+    def prepare(self, sched):
+        return types.SimpleNamespace(chunks=list(sched.chunks), needs_sync=False)
+
+    def execute(self, prepared):
+        return types.SimpleNamespace(prepared=prepared)
+
+    def fetch(self, inflight) -> StepResult:
+        seq_ids, tokens = [], []
+        for c in inflight.prepared.chunks:
+            if c.samples:
+                sid = c.seq.seq_id
+                k = self.sampled.get(sid, 0)
+                self.sampled[sid] = k + 1
+                seq_ids.append(sid)
+                script = self.scripts[sid]
+                # Past its script a sequence has finished: the device, a step ahead, still
+                # samples once more for it; the host drops that token.
+                tokens.append(script[k] if k < len(script) else FILLER)
+        n = len(seq_ids)
+        return StepResult(
+            seq_ids,
+            np.asarray(tokens, np.int32),  # i32[R]
+            np.zeros(n, np.float32),
+            np.zeros((n, 0), np.int32),
+            np.zeros((n, 0), np.float32),
+            {},
+        )
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_pretrained(FIXTURES / "tokenizer" / "smollm2")
+
+
+@pytest.fixture(scope="module")
+def params():
+    cfg = preset("tiny")
+    return cfg, random_params(cfg, jnp.float32, make_mesh(1))
+
+
+def make_engine(tokenizer, params, **overrides) -> tuple[LLMEngine, ScriptedDevice]:
+    cfg, weights = params
+    kw = dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256, page_size=8)
+    kw.update(overrides)
+    engine = LLMEngine(
+        cfg, weights, tokenizer, make_mesh(1), EngineConfig(**kw, num_pages=600), num_pages=600
+    )
+    device = ScriptedDevice()
+    engine.runner.prepare, engine.runner.execute = device.prepare, device.execute
+    engine.runner.fetch = device.fetch
+    return engine, device
+
+
+def add(engine, device, rid: str, scripts: list[list[int]], params: SamplingParams, **kw) -> None:
+    engine.add_request(rid, None, [5, 6, 7], params, **kw)
+    seqs = [q for q in engine.scheduler.waiting if q.request_id == rid]
+    assert len(seqs) == len(scripts)
+    for q, script in zip(seqs, scripts):
+        device.scripts[q.seq_id] = script
+
+
+def run(engine) -> dict[str, list]:
+    """Step to the end; every output each request got, in order."""
+    outs: dict[str, list] = {}
+    for _ in range(10_000):
+        if not engine.has_unfinished_requests():
+            return outs
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+    raise AssertionError("the engine did not finish")
+
+
+def reference_stop(deltas: list[str], stop: tuple[str, ...], include: bool):
+    """The stop-string rule over the whole text: after each token's text, the earliest stop string
+    anywhere in the text ends the sequence there. Returns (text, tokens kept, stop string)."""
+    text = ""
+    for n, delta in enumerate(deltas, 1):
+        text += delta
+        hits = [(text.find(s), s) for s in stop if s in text]
+        if hits:
+            j, s = min(hits, key=lambda h: h[0])
+            return (text[: j + len(s)] if include else text[:j]), n, s
+    return text, len(deltas), None
+
+
+def test_stop_strings_match_a_search_of_the_whole_text(tokenizer, params):
+    rng = random.Random(0)
+    pool = tokenizer.encode(TEXT, add_special_tokens=False)
+    engine, device = make_engine(tokenizer, params)
+    cases = []
+    for i in range(60):
+        start = rng.randrange(len(pool) - 40)
+        script = pool[start : start + rng.randrange(5, 40)]
+        det = IncrementalDetokenizer(tokenizer, [])
+        deltas = [det.add(t) for t in script]
+        full = "".join(deltas)
+        stop = []
+        for _ in range(rng.randrange(1, 4)):
+            if rng.random() < 0.7 and len(full) > 2:  # a piece of the text: spans tokens at times
+                a = rng.randrange(len(full) - 1)
+                stop.append(full[a : a + rng.randrange(1, 9)])
+            else:
+                stop.append(rng.choice(["zzz", "never there", "§"]))
+        include = rng.random() < 0.5
+        p = SamplingParams(
+            temperature=0.0,
+            max_tokens=len(script),
+            ignore_eos=True,
+            stop=stop,
+            include_stop_str_in_output=include,
+        )
+        add(engine, device, f"r{i}", [script], p, output_kind="final")
+        cases.append((f"r{i}", script, deltas, tuple(p.stop), include))
+    outs = run(engine)
+    hits = 0
+    for rid, script, deltas, stop, include in cases:
+        (out,) = outs[rid]  # "final": one output, at the end
+        o = out.outputs[0]
+        text, kept, s = reference_stop(deltas, stop, include)
+        assert (o.text, o.token_ids, o.stop_reason) == (text, script[:kept], s), rid
+        if kept < len(script):
+            assert o.finish_reason == "stop"
+        else:  # (a stop string in the max_tokens-th token's text keeps the reason "length")
+            assert o.finish_reason == "length"
+        hits += s is not None
+    assert 20 <= hits < len(cases)  # both outcomes are exercised
+
+
+def test_output_kinds_agree_and_final_builds_one_output(tokenizer, params):
+    pool = tokenizer.encode(TEXT, add_special_tokens=False)
+    p = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=["stop there"])
+    runs = {}
+    for kind in ("cumulative", "delta", "final"):
+        engine, device = make_engine(tokenizer, params)
+        add(engine, device, "a", [pool[:30]], p, output_kind=kind)
+        add(engine, device, "b", [pool[10:40]], p, output_kind=kind)
+        runs[kind] = run(engine)
+    for rid in ("a", "b"):
+        cumulative, delta, final = (runs[k][rid] for k in ("cumulative", "delta", "final"))
+        assert len(final) == 1 and final[0].finished
+        assert len(cumulative) == len(delta) > 1
+        last = cumulative[-1].outputs[0]
+        assert last.text == final[0].outputs[0].text
+        assert last.token_ids == final[0].outputs[0].token_ids
+        # Deltas are sent as they come: a stop string's first tokens may have gone out before
+        # the token completing it cut them from the text (the server holds such text back).
+        assert "".join(o.outputs[0].text for o in delta).startswith(last.text)
+        assert [t for o in delta for t in o.outputs[0].token_ids] == last.token_ids
+        texts = [o.outputs[0].text for o in cumulative[:-1]]  # (the last may be cut)
+        assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
+    assert runs["final"]["a"][0].outputs[0].stop_reason == "stop there"  # pool[:30] holds it
+
+
+def test_a_request_retires_when_its_last_completion_finishes(tokenizer, params):
+    eos = sorted(tokenizer.eos_token_ids)[0]
+    pool = tokenizer.encode(TEXT, add_special_tokens=False)
+    engine, device = make_engine(tokenizer, params)
+    p = SamplingParams(n=3, temperature=0.0, max_tokens=12)
+    scripts = [[*pool[:2], eos], pool[:12], [*pool[:5], eos]]
+    add(engine, device, "n3", scripts, p)
+    outs = run(engine)["n3"]
+    assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+    final = {o.index: o for o in outs[-1].outputs}
+    assert [final[i].finish_reason for i in range(3)] == ["stop", "length", "stop"]
+    assert [len(final[i].token_ids) for i in range(3)] == [3, 12, 6]
+    assert final[0].text == tokenizer.decode(pool[:2])  # the EOS adds no text
+    assert engine.stats.requests_finished == 1 and engine.num_unfinished_requests == 0
+    assert engine.block_manager.num_used_pages == 0
+
+
+def test_split_character_then_whole_characters_decode_like_decode(tokenizer):
+    # The emoji is split over byte tokens here; the fast path (whole characters straight to str)
+    # must not pass over a pending part of a character, nor lose an invalid one.
+    emoji = tokenizer.encode("😀", add_special_tokens=False)
+    a = tokenizer.encode("a", add_special_tokens=False)
+    assert len(emoji) >= 3 and len(a) == 1
+    for ids in (emoji + a, emoji[:1] + a, emoji[:2] + a + emoji, a + emoji[1:] + a):
+        det = IncrementalDetokenizer(tokenizer, [])
+        deltas = [det.add(t) for t in ids]
+        assert "".join(deltas) == det.text == tokenizer.decode(ids), ids
+
+
+def test_pages_are_allocated_and_registered_only_at_page_boundaries():
+    ps = 4
+    bm = BlockManager(64, ps)
+    s = Scheduler(SchedulerConfig(max_model_len=48, page_size=ps, max_num_batched_tokens=64), bm)
+    seqs = [Sequence(str(i), list(range(10 * i, 10 * i + 5)), max_tokens=40) for i in range(3)]
+    for q in seqs:
+        s.add(q)
+    allocations = []
+    allocate = bm.allocate
+    bm.allocate = lambda n: allocations.append(n) or allocate(n)
+    rng = random.Random(0)
+    inflight = None
+    for _ in range(60):  # asynchronous: schedule N+1, then update N
+        out = s.schedule()
+        for c in out.chunks:
+            assert len(c.seq.page_ids) == -(-c.seq.num_computed_tokens // ps)
+        if inflight is not None:
+            # Several tokens at times (as speculative decoding will give), so known tokens run
+            # ahead of computed ones and fill pages in update() as well as in schedule().
+            s.update(
+                {
+                    c.seq.seq_id: [rng.randrange(3, 99) for _ in range(rng.choice([1, 1, 3]))]
+                    for c in inflight.chunks
+                    if c.samples
+                }
+            )
+        for q in s.running:
+            known = min(q.num_computed_tokens, q.num_tokens)
+            assert q.num_registered_pages == known // ps  # every full known page is offered
+            assert all(bm.is_cached(p) for p in q.page_ids[: known // ps])
+        inflight = out
+    assert all(q.is_finished for q in seqs)
+    assert min(allocations) >= 1  # never asked for zero pages (a step inside a page)
+    assert sum(allocations) >= sum(-(-q.num_tokens // ps) - 1 for q in seqs)
+    bm.check_invariants()
+    assert bm.num_used_pages == 0
