@@ -400,8 +400,9 @@ def warm_up(
     """Compile step shapes before serving by running throw-away requests to completion; call on
     the engine thread. Always: prefill and decode of one row, greedy and sampled. `full` (what
     the server does on accelerators, like vLLM capturing its CUDA graphs for every batch size):
-    also every greedy decode batch bucket up to max_num_seqs and every prefill token bucket, both
-    fresh (no cached prefix) and mixed with a decode, so no request waits on a compile later.
+    also every decode batch bucket up to max_num_seqs and every prefill token bucket (fresh and,
+    with cuDNN prefill, mixed with a decode), greedy and sampled, so no request waits on a compile
+    later (penalties and logprobs variants still compile on first use).
     Returns seconds."""
     t0 = time.perf_counter()
     vocab = engine.model_config.vocab_size
@@ -417,18 +418,18 @@ def warm_up(
     jobs: list[list[Group]] = [[[(ids, greedy)]], [[(ids, sampled)]]]
     if full:
         runner, cfg = engine.runner, engine.config
+        longest = cfg.max_model_len - max_tokens
         rows = [1 << k for k in range(cfg.max_num_seqs.bit_length()) if 1 << k < cfg.max_num_seqs]
-        for n in [*rows, cfg.max_num_seqs]:  # decode-only steps of n rows (every row bucket)
-            jobs.append([[([100 + i % 1000], greedy) for i in range(n)]])
-        for t in runner.token_buckets:
-            t = min(t, cfg.max_num_batched_tokens)
-            jobs.append([_prompts(t, t, cfg.max_model_len - max_tokens, vocab, greedy)])
-            if runner.cudnn_prefill and t > 1:  # a decode beside t - 1 prompt tokens: not fresh
-                decode = SamplingParams(
-                    temperature=0.0, max_tokens=3, ignore_eos=True, detokenize=False
-                )
-                rest = _prompts(t - 1, t + 7919, cfg.max_model_len - max_tokens, vocab, greedy)
-                jobs.append([[([100], decode)], rest])
+        for k, sp in enumerate((greedy, sampled)):
+            for n in [*rows, cfg.max_num_seqs]:  # decode-only steps of n rows (every row bucket)
+                jobs.append([[([100 + i % 1000], sp) for i in range(n)]])
+            for t in runner.token_buckets:
+                t = min(t, cfg.max_num_batched_tokens)
+                jobs.append([_prompts(t, t + 20011 * k, longest, vocab, sp)])
+                if runner.cudnn_prefill and t > 1:  # a decode beside t - 1 prompt tokens
+                    decode = dataclasses.replace(sp, max_tokens=3)
+                    rest = _prompts(t - 1, t + 7919 + 20011 * k, longest, vocab, sp)
+                    jobs.append([[([100], decode)], rest])
     for b, job in enumerate(jobs):
         for g, group in enumerate(job):
             for r, (prompt, params) in enumerate(group):

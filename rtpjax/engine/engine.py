@@ -48,6 +48,7 @@ class EngineConfig:
     policy: str = "fcfs"
     async_scheduling: bool = True
     attention_impl: str = "auto"
+    cudnn_prefill: bool = False  # fresh-prefill steps through cuDNN (GPU; slow to compile)
     seed: int = 0
 
     def __post_init__(self):
@@ -148,6 +149,7 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=config.max_model_len,
             attention_impl=config.attention_impl,
+            cudnn_prefill=config.cudnn_prefill,
             eos_token_ids=self.eos_token_ids,
         )
         self._requests: dict[str, _Request] = {}

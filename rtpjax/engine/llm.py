@@ -45,6 +45,7 @@ class LLM:
         scheduling_policy: str = "fcfs",
         async_scheduling: bool = True,
         attention_impl: str = "auto",
+        cudnn_prefill: bool = False,
         progress: bool = True,
     ):
         if isinstance(model, LoadedModel):
@@ -80,6 +81,7 @@ class LLM:
             policy=scheduling_policy,
             async_scheduling=async_scheduling,
             attention_impl=attention_impl,
+            cudnn_prefill=cudnn_prefill,
             seed=seed,
         )
         pages = plan_num_pages(loaded, config)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -106,6 +105,7 @@ class ModelRunner:
         attention_impl: str = "auto",
         eos_token_ids: frozenset[int] | None = None,
         small_decode_buckets: bool | None = None,
+        cudnn_prefill: bool = False,
     ):
         self.cfg = cfg
         self.params = params
@@ -135,13 +135,14 @@ class ModelRunner:
         eos = frozenset(cfg.eos_token_ids) if eos_token_ids is None else eos_token_ids
         self.batch = InputBatch(self.pages_per_seq, eos, max_num_seqs)
         self._out_layouts: dict[tuple, packing.Layout] = {}  # one per compiled variant
-        # Steps whose sequences all start at position 0 take cuDNN's flash attention on GPUs
-        # (RTPJAX_CUDNN_PREFILL=0 keeps them on the paged kernel).
+        # Opt-in: steps whose sequences all start at position 0 take cuDNN's flash attention on
+        # GPUs (0.95 of cuDNN against the paged kernel's 0.5; but each such step variant compiles
+        # ~10 s longer on an H200 and fresh steps are rare under load: docs/kernels/attention.md).
         self.cudnn_prefill = (
-            attention_impl == "auto"
+            cudnn_prefill
+            and attention_impl == "auto"
             and cfg.sliding_window is None
             and packed_prefill.cudnn_supported(cfg.head_dim, self.dtype)
-            and os.environ.get("RTPJAX_CUDNN_PREFILL", "1") != "0"
         )
         self._step = jax.jit(
             functools.partial(_device_step, cfg=cfg),

@@ -10,7 +10,7 @@ from rtpjax.sampling_params import SamplingParams
 from rtpjax.sharding.mesh import make_mesh
 
 
-def test_full_warm_up_leaves_nothing_to_compile_for_greedy_traffic():
+def test_full_warm_up_leaves_nothing_to_compile_for_plain_traffic():
     cfg = preset("tiny")
     mesh = make_mesh(1)
     config = EngineConfig(
@@ -25,9 +25,9 @@ def test_full_warm_up_leaves_nothing_to_compile_for_greedy_traffic():
     runner.tight_rows, runner.small_decode, runner.cudnn_prefill = False, True, True
     warm_up(engine, full=True)
     warmed = runner.num_compiled_variants
-    # Greedy and sampled one-row prefill and decode, decode rows 2/4/8, fresh token buckets
-    # 32/64, mixed token buckets 16/32/64.
-    assert warmed == 4 + 3 + 2 + 3
+    # Greedy and sampled each: one-row prefill and decode, decode rows 2/4/8, fresh token
+    # buckets 32/64, mixed token buckets 16/32/64.
+    assert warmed == 2 * (2 + 3 + 2 + 3)
 
     rng = np.random.default_rng(0)
     for wave in range(3):  # staggered arrivals: mixed prefill + decode steps of many sizes
