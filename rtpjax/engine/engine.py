@@ -73,10 +73,7 @@ class _SeqState:
     seq: Sequence
     index: int
     detok: IncrementalDetokenizer | None  # None when the request asked detokenize=False
-    # The text is kept as its deltas and joined when read (`text`): one copy per output, not one
-    # per token. text_joined holds the deltas joined so far, text_parts the ones added since.
-    text_joined: str = ""
-    text_parts: list[str] = dataclasses.field(default_factory=list)
+    text_len: int | None = None  # where a stop string cut the text (None: the detokenizer's all)
     stop_window: str = ""  # the text's last (longest stop string - 1) characters
     sent_tokens: int = 0  # "delta" outputs: tokens / characters / logprobs already returned
     sent_chars: int = 0
@@ -86,10 +83,12 @@ class _SeqState:
 
     @property
     def text(self) -> str:
-        if self.text_parts:
-            self.text_joined += "".join(self.text_parts)
-            self.text_parts.clear()
-        return self.text_joined
+        """The output text: what the detokenizer returned (it joins its deltas when read), minus
+        any stop string cut and, unless asked for, the text of a stop token (never added)."""
+        if self.detok is None:
+            return ""
+        text = self.detok.text
+        return text if self.text_len is None else text[: self.text_len]
 
 
 @dataclasses.dataclass
@@ -355,17 +354,15 @@ class LLMEngine:
 
     def _append_text(self, req: _Request, state: _SeqState, token: int) -> None:
         seq, p = state.seq, req.params
-        if seq.is_finished and seq.finish_reason == FinishReason.STOP:
+        if seq.finish_reason is FinishReason.STOP:  # by a stop id, in update()
             # A stop token's text is not part of the output (as vLLM); EOS decodes to "" anyway.
             state.stop_reason = token if token in p.stop_token_ids else None
             if p.include_stop_str_in_output and token in p.stop_token_ids:
-                state.text_parts.append(state.detok.add(token))
+                state.detok.add(token)
             return
         delta = state.detok.add(token)
-        if delta:
-            state.text_parts.append(delta)
-            if p.stop:
-                self._find_stop_string(p, state, delta)
+        if delta and p.stop:
+            self._find_stop_string(p, state, delta)
 
     def _find_stop_string(self, p: SamplingParams, state: _SeqState, delta: str) -> None:
         """End the sequence at the earliest stop string that `delta`, just added, completes.
@@ -384,9 +381,8 @@ class LLMEngine:
             state.stop_window = window[max(0, len(window) - keep) :]
             return
         j, s = hit
-        text = state.text
-        at = len(text) - len(window) + j  # the stop string's index in the whole text
-        state.text_joined = text[: at + len(s)] if p.include_stop_str_in_output else text[:at]
+        at = len(state.text) - len(window) + j  # the stop string's index in the whole text
+        state.text_len = at + len(s) if p.include_stop_str_in_output else at
         state.stop_reason = s
         self.scheduler.finish(state.seq, FinishReason.STOP)
 

@@ -6,9 +6,10 @@ last tokens end inside a multi-byte UTF-8 character, so a stream never shows a r
 character that the full decode would not show.
 
 Two paths:
-- byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM): decode is the UTF-8 of the tokens' bytes, so each
-  token's bytes go through an incremental UTF-8 decoder (or straight to str when they are whole
-  characters and no character is pending): O(1) per token.
+- byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM): decode is the UTF-8 of the tokens' bytes. A token
+  whose bytes are whole characters (almost all of them) adds its text from a table shared by every
+  detokenizer of the tokenizer; the bytes of a character split over tokens go through an
+  incremental UTF-8 decoder. O(1) per token.
 - any other decoder (SentencePiece's byte fallback and leading-space strip...): decode a short
   window of recent tokens and emit what it adds beyond the previous window (vLLM's offsets).
 """
@@ -16,11 +17,50 @@ Two paths:
 from __future__ import annotations
 
 import codecs
+import weakref
 from collections.abc import Sequence
 
-from rtpjax.tokenizer.tokenizer import Tokenizer
+from rtpjax.tokenizer.tokenizer import ByteLevelPieces, Tokenizer
 
 _REPLACEMENT = "\ufffd"
+_UNSEEN = object()  # a _TokenTexts entry not looked up yet
+
+
+class _TokenTexts:
+    """Each id's text when its bytes are whole UTF-8 characters (None when they are not), filled
+    as ids are met: one table per tokenizer and skip_special_tokens (`for_tokenizer`), shared by
+    all of its detokenizers. A list indexed by id, so a lookup neither hashes nor allocates."""
+
+    def __init__(self, pieces: ByteLevelPieces, skip_special_tokens: bool, size: int) -> None:
+        self.pieces = pieces
+        self.skip_special_tokens = skip_special_tokens
+        self.texts: list = [_UNSEEN] * size  # str | None | _UNSEEN, by id
+
+    def learn(self, token_id: int) -> str | None:
+        piece = self.pieces.get(token_id, self.skip_special_tokens)
+        try:
+            text = piece.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        self.texts[token_id] = text
+        return text
+
+    @staticmethod
+    def for_tokenizer(tokenizer: Tokenizer, skip_special_tokens: bool) -> _TokenTexts | None:
+        """The tokenizer's table (None when its decoder is not plain byte-level)."""
+        pieces = tokenizer.byte_level_pieces()
+        if pieces is None:
+            return None
+        tables = _TABLES.setdefault(tokenizer, {})
+        table = tables.get(skip_special_tokens)
+        if table is None:
+            table = _TokenTexts(pieces, skip_special_tokens, tokenizer.vocab_size)
+            tables[skip_special_tokens] = table
+        return table
+
+
+# Tokenizer → {skip_special_tokens: _TokenTexts}. Weak keys: a table never keeps a tokenizer alive.
+_TABLES: weakref.WeakKeyDictionary[Tokenizer, dict[bool, _TokenTexts]] = weakref.WeakKeyDictionary()
 
 
 class IncrementalDetokenizer:
@@ -42,6 +82,8 @@ class IncrementalDetokenizer:
         self._text = ""
         self._deltas: list[str] = []
         self._pieces = tokenizer.byte_level_pieces()
+        self._table = _TokenTexts.for_tokenizer(tokenizer, skip_special_tokens)
+        self._texts = None if self._table is None else self._table.texts
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._utf8_buffered = False  # the incremental decoder holds part of a character
         # Window path: token_ids[prefix:read] was decoded last time and is text already emitted.
@@ -61,20 +103,20 @@ class IncrementalDetokenizer:
         """Append one token; return the text it completes ("" while a character is incomplete)."""
         token_id = int(token_id)
         self.token_ids.append(token_id)
-        if self._pieces is None:
+        texts = self._texts
+        if texts is None:
             delta = self._add_windowed()
         else:
-            piece = self._pieces.get(token_id, self.skip_special_tokens)
-            delta = None
-            if not self._utf8_buffered:
-                try:
-                    delta = piece.decode("utf-8")  # whole characters: almost every token
-                except UnicodeDecodeError:
-                    delta = None
-            if delta is None:
-                # Part of a character (or invalid bytes): the incremental decoder keeps what
-                # belongs to the next token and replaces what is invalid, as decode() does.
-                delta = self._utf8.decode(piece)
+            text = texts[token_id] if 0 <= token_id < len(texts) else None
+            if text is _UNSEEN:
+                text = self._table.learn(token_id)
+            if text is not None and not self._utf8_buffered:
+                delta = text  # whole characters, and no character pending: almost every token
+            else:
+                # Part of a character (or invalid bytes, or an id outside the table): the
+                # incremental decoder keeps what belongs to the next token and replaces what is
+                # invalid, as decode() does.
+                delta = self._utf8.decode(self._pieces.get(token_id, self.skip_special_tokens))
                 self._utf8_buffered = bool(self._utf8.getstate()[0])
         if delta:
             self._deltas.append(delta)
