@@ -2,7 +2,7 @@
 
     python scripts/bench_host.py                  # batch 256, tiny model, 200 timed steps, top 10
     python scripts/bench_host.py --no-device      # the same host work with the device stubbed out
-    python scripts/bench_host.py --stop "\\n\\n" --output-kind delta --json out.json
+    python scripts/bench_host.py --stop "<|stop|>" --output-kind delta --json out.json
 
 An LLMEngine on the tiny preset (random weights) takes --batch requests of --prompt-len random
 tokens: greedy, ignore_eos, max_tokens large, detokenize on (the smollm2 tokenizer), outputs
@@ -208,7 +208,10 @@ def run_pass(engine: LLMEngine, args, profile: cProfile.Profile | None, tag: str
             setattr(runner, name, fn)
     rows = engine.stats.step_log[first:]
     if not all(r[0] == args.batch and r[1] for r in rows):
-        raise RuntimeError("a timed step was not a full decode-only step: raise --num-pages")
+        raise RuntimeError(
+            "a timed step was not a full decode-only step: a request ended early (a --stop string "
+            "met?) or the KV pages ran out"
+        )
     for i in range(args.batch):
         engine.abort_request(f"{tag}-{i}")
     while engine.has_unfinished_requests():
@@ -237,7 +240,12 @@ def main() -> None:
         "logits per CPU step evict the host's caches)",
     )
     ap.add_argument("--output-kind", default="cumulative", choices=("cumulative", "delta", "final"))
-    ap.add_argument("--stop", action="append", help="a stop string (repeatable); none by default")
+    ap.add_argument(
+        "--stop",
+        action="append",
+        help="a stop string (repeatable; none by default): pick ones the text never holds, so the "
+        "batch stays full and every step pays for the search",
+    )
     ap.add_argument("--logprobs", type=int, default=None)
     ap.add_argument(
         "--no-device",

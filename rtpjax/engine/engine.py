@@ -77,6 +77,7 @@ class _SeqState:
     stop_window: str = ""  # the text's last (longest stop string - 1) characters
     sent_tokens: int = 0  # "delta" outputs: tokens / characters / logprobs already returned
     sent_chars: int = 0
+    sent_deltas: int = 0  # ... and the detokenizer's deltas they hold
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float = 0.0
     stop_reason: int | str | None = None
@@ -418,12 +419,19 @@ class LLMEngine:
         outs = []
         for s in req.seqs:
             reason = s.seq.finish_reason
-            ids, text, lps = s.seq.output_token_ids, s.text, s.logprobs
+            ids, lps = s.seq.output_token_ids, s.logprobs
             if delta:
-                ids, text = ids[s.sent_tokens :], text[s.sent_chars :]
+                ids = ids[s.sent_tokens :]
                 lps = None if lps is None else lps[s.sent_tokens :]
-                s.sent_tokens, s.sent_chars = len(s.seq.output_token_ids), len(s.text)
+                s.sent_tokens = len(s.seq.output_token_ids)
+                if s.detok is not None and s.text_len is None:
+                    text = s.detok.text_since(s.sent_deltas)  # only the new text is joined
+                    s.sent_deltas = s.detok.num_deltas
+                else:
+                    text = s.text[s.sent_chars :]
+                s.sent_chars += len(text)
             else:
+                text = s.text
                 # Copies: the engine keeps appending to its own lists after this output is handed
                 # to another thread.
                 ids = ids.copy()

@@ -78,9 +78,10 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []
         # The text is kept as its deltas and joined when read: add() stays O(1) however long the
-        # text grows. _text holds the deltas joined so far, _deltas the ones added since.
+        # text grows. _text holds the first _num_joined deltas joined.
+        self._deltas: list[str] = []  # every non-empty delta of add and finish, in order
         self._text = ""
-        self._deltas: list[str] = []
+        self._num_joined = 0
         self._pieces = tokenizer.byte_level_pieces()
         self._table = _TokenTexts.for_tokenizer(tokenizer, skip_special_tokens)
         self._texts = None if self._table is None else self._table.texts
@@ -94,10 +95,20 @@ class IncrementalDetokenizer:
     @property
     def text(self) -> str:
         """Everything returned so far (the deltas of add and finish, joined)."""
-        if self._deltas:
-            self._text += "".join(self._deltas)
-            self._deltas.clear()
+        if self._num_joined < len(self._deltas):
+            self._text += "".join(self._deltas[self._num_joined :])
+            self._num_joined = len(self._deltas)
         return self._text
+
+    @property
+    def num_deltas(self) -> int:
+        """How many non-empty deltas add and finish have returned."""
+        return len(self._deltas)
+
+    def text_since(self, num_deltas: int) -> str:
+        """The text of the deltas after the first `num_deltas`, in time proportional to it alone
+        (for callers that stream what is new)."""
+        return "".join(self._deltas[num_deltas:])
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes ("" while a character is incomplete)."""

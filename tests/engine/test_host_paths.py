@@ -174,25 +174,33 @@ def test_stop_strings_match_a_search_of_the_whole_text(tokenizer, params):
 def test_output_kinds_agree_and_final_builds_one_output(tokenizer, params):
     pool = tokenizer.encode(TEXT, add_special_tokens=False)
     p = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=["stop there"])
+    p2 = SamplingParams(n=2, temperature=0.0, max_tokens=30, ignore_eos=True, stop=["lazy"])
     runs = {}
     for kind in ("cumulative", "delta", "final"):
         engine, device = make_engine(tokenizer, params)
         add(engine, device, "a", [pool[:30]], p, output_kind=kind)
         add(engine, device, "b", [pool[10:40]], p, output_kind=kind)
+        # Two completions: the first stops early (a stop string), the second runs to the end.
+        add(engine, device, "c", [pool[:30], pool[20:50]], p2, output_kind=kind)
         runs[kind] = run(engine)
-    for rid in ("a", "b"):
-        cumulative, delta, final = (runs[k][rid] for k in ("cumulative", "delta", "final"))
-        assert len(final) == 1 and final[0].finished
+    for rid, index in (("a", 0), ("b", 0), ("c", 0), ("c", 1)):
+        cumulative, delta, final = (
+            [o.outputs[index] for o in runs[k][rid]] for k in ("cumulative", "delta", "final")
+        )
+        assert len(final) == 1 and runs["final"][rid][0].finished
         assert len(cumulative) == len(delta) > 1
-        last = cumulative[-1].outputs[0]
-        assert last.text == final[0].outputs[0].text
-        assert last.token_ids == final[0].outputs[0].token_ids
+        last = cumulative[-1]
+        assert (last.text, last.token_ids) == (final[0].text, final[0].token_ids)
+        assert last.finish_reason == final[0].finish_reason is not None
         # Deltas are sent as they come: a stop string's first tokens may have gone out before
         # the token completing it cut them from the text (the server holds such text back).
-        assert "".join(o.outputs[0].text for o in delta).startswith(last.text)
-        assert [t for o in delta for t in o.outputs[0].token_ids] == last.token_ids
-        texts = [o.outputs[0].text for o in cumulative[:-1]]  # (the last may be cut)
+        assert "".join(o.text for o in delta).startswith(last.text)
+        assert [t for o in delta for t in o.token_ids] == last.token_ids
+        texts = [o.text for o in cumulative[:-1]]  # (the last may be cut)
         assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
+    c = runs["final"]["c"][0].outputs
+    assert [o.stop_reason for o in c] == ["lazy", None]
+    assert c[0].text.endswith("the ") and len(c[1].token_ids) == 30
     assert runs["final"]["a"][0].outputs[0].stop_reason == "stop there"  # pool[:30] holds it
 
 
