@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from typing import NamedTuple
@@ -74,6 +75,11 @@ class ScheduledChunk(NamedTuple):
     num_tokens: int  # tokens computed this step: positions start .. start+num_tokens-1
     samples: bool  # this chunk's last position produces a sampled token
     from_device: bool  # the chunk's single token is the pending token still on the device
+
+
+# ScheduledChunk(...) runs the Python __new__ NamedTuple generates; building the tuple directly
+# costs half as much, and schedule() builds one chunk per running sequence per step.
+_new_chunk = functools.partial(tuple.__new__, ScheduledChunk)
 
 
 class SchedulerOutput(NamedTuple):
@@ -288,7 +294,7 @@ class Scheduler:
         # A from_device chunk computes only the unknown token, which fills no page of known tokens.
         if not from_device:
             self._cache_full_pages(seq)
-        return ScheduledChunk(seq, start, n, samples, from_device)
+        return _new_chunk((seq, start, n, samples, from_device))
 
     def _match_prefix(self, seq: Sequence) -> list[int]:
         bm = self.block_manager
