@@ -3,19 +3,12 @@
     python scripts/bench_loading.py                      # the full benchmark (~16 GB, 4 shards)
     python scripts/bench_loading.py --layers 2 --vocab 32000 --methods rtpjax   # a quick smoke run
 
-Self-contained: it writes a random checkpoint (config.json + 4 safetensors shards + index), measures
-the machine's physical limits (sequential disk read with O_DIRECT, host-to-device copies from pinned
-and pageable memory), then loads the checkpoint with
-  (a) rtpjax's fast loader (rtpjax.weights.fast_loader),
-  (b) safetensors' own flax loader plus jax.device_put,
-  (c) transformers' from_pretrained onto CUDA (when torch and transformers are installed),
-each in a fresh process, cold (the files dropped from the page cache) and warm. It prints a table
-with the limits beside each figure, writes JSON (--json), and deletes the checkpoint (unless
---keep).
-
-Dropping the page cache: posix_fadvise(DONTNEED) on every file needs no privileges; writing 3 to
-/proc/sys/vm/drop_caches needs root and a writable /proc/sys. Both are tried; the JSON says which
-worked and how much of the checkpoint was still resident afterwards (mincore).
+Writes a random checkpoint (config.json, 4 safetensors shards, index), measures the machine's
+limits (O_DIRECT disk reads, pinned/pageable host-to-device copies), then loads it with (a) rtpjax's
+fast loader, (b) safetensors.flax + jax.device_put, (c) transformers onto CUDA (if installed), each
+in a fresh process, cold (page cache dropped: fadvise DONTNEED, and drop_caches where root; the
+JSON says which worked and what stayed resident, by mincore) and warm. Prints a table with the
+limits beside each figure, writes JSON (--json), deletes the checkpoint unless --keep.
 """
 
 from __future__ import annotations
@@ -342,25 +335,22 @@ def worker(method: str, d: str, options: dict[str, Any]) -> dict[str, Any]:
         }
     t_start = time.perf_counter()
     res: dict[str, Any] = {"method": method}
-    # Backend start-up is not loading: each framework starts its runtime and makes one tiny device
-    # allocation (which sets up its allocator) before the clock starts.
+    # Backend start-up is not loading: each framework imports its libraries, starts its runtime
+    # and makes one tiny device allocation (which sets up its allocator) before the clock starts.
     if method in ("rtpjax", "flax"):
         import jax
         import numpy as np
+        import safetensors.flax  # noqa: F401
+
+        import rtpjax.weights.fast_loader  # noqa: F401
 
         jax.devices()
-        # Libraries are imported before the clock starts, for every method.
-        if method == "rtpjax":
-            import rtpjax.weights.fast_loader  # noqa: F401
-        else:
-            import safetensors.flax  # noqa: F401
         t = time.perf_counter()
         jax.device_put(np.zeros(1, np.uint8), jax.devices()[0]).block_until_ready()
         res["first_allocation_s"] = time.perf_counter() - t
         res["device"] = str(jax.devices()[0].device_kind)
     else:
         import torch
-        import transformers  # noqa: F401
         from transformers import AutoModelForCausalLM
 
         torch.cuda.init()
