@@ -41,7 +41,6 @@ import jax.numpy as jnp
 from rtpjax import LLM, SamplingParams
 from rtpjax.engine import packing
 from rtpjax.engine.async_engine import warm_up
-from rtpjax.layers.paged_attention import PagedAttention
 from rtpjax.models import llama
 from rtpjax.models.params import num_bytes
 from rtpjax.models.presets import preset, random_params
@@ -157,12 +156,7 @@ def launch_breakdown(llm: LLM, batch: int, context: int, repeats: int = 20) -> d
     buf, layout = packing.pack(x)
     pack_put_ms = ms(lambda: jax.device_put(packing.pack(x)[0]))
     buf_dev = jax.block_until_ready(jax.device_put(buf))
-    attention = PagedAttention(
-        scale=runner.cfg.head_dim**-0.5,
-        sliding_window=runner.cfg.sliding_window,
-        impl=runner.attention_impl,
-        max_q_len=st.max_q_len,
-    )
+    attention = runner._attention(prepared)  # the same static settings execute() uses
 
     def call_dev():
         with jax.set_mesh(runner.mesh):
