@@ -385,7 +385,12 @@ class LLMEngine:
         at = len(state.text) - len(window) + j  # the stop string's index in the whole text
         state.text_len = at + len(s) if p.include_stop_str_in_output else at
         state.stop_reason = s
-        self.scheduler.finish(state.seq, FinishReason.STOP)
+        if state.seq.finish_reason is FinishReason.LENGTH:
+            # update() ended it on this same token, the last max_tokens allows: the stop string
+            # is the reason (as vLLM reports).
+            state.seq.finish_reason = FinishReason.STOP
+        else:
+            self.scheduler.finish(state.seq, FinishReason.STOP)
 
     def _add_prompt_logprobs(self, seq_id, start, lp, top_i, top_lp) -> None:
         entry = self._by_seq.get(seq_id)

@@ -163,12 +163,63 @@ def test_stop_strings_match_a_search_of_the_whole_text(tokenizer, params):
         o = out.outputs[0]
         text, kept, s = reference_stop(deltas, stop, include)
         assert (o.text, o.token_ids, o.stop_reason) == (text, script[:kept], s), rid
-        if kept < len(script):
-            assert o.finish_reason == "stop"
-        else:  # (a stop string in the max_tokens-th token's text keeps the reason "length")
-            assert o.finish_reason == "length"
+        # A stop string completed by the max_tokens-th token still ends it with "stop" (vLLM).
+        assert o.finish_reason == ("stop" if s is not None else "length"), rid
         hits += s is not None
     assert 20 <= hits < len(cases)  # both outcomes are exercised
+
+
+@pytest.mark.parametrize("kind", ["cumulative", "delta", "final"])
+def test_a_stop_on_the_last_allowed_token_is_reported_as_stop(tokenizer, params, kind):
+    """The max_tokens-th token completing a stop string, or being a stop id or EOS, ends the
+    completion with finish_reason "stop" (and the string or id as stop_reason), as vLLM reports;
+    only running out of tokens is "length"."""
+    pool = tokenizer.encode(TEXT, add_special_tokens=False)
+    eos = sorted(tokenizer.eos_token_ids)[0]
+    script = pool[:8]
+    text = tokenizer.decode(script)
+    last = tokenizer.decode(script[-1:])
+    stop_str = text[len(text) - len(last) - 2 : len(text) - 1]  # spans the last two tokens
+    assert stop_str not in tokenizer.decode(script[:-1])
+    stop_id = 400  # inside the tiny model's vocabulary (validated), not in the script
+    assert stop_id not in script and stop_id != FILLER
+    cases = {  # rid: (script, params, finish_reason, stop_reason, text)
+        "str": (
+            script,
+            dict(stop=[stop_str]),
+            "stop",
+            stop_str,
+            text[: text.index(stop_str)],
+        ),
+        "str_kept": (
+            script,
+            dict(stop=[stop_str], include_stop_str_in_output=True),
+            "stop",
+            stop_str,
+            text[: text.index(stop_str) + len(stop_str)],
+        ),
+        "id": ([*script[:-1], stop_id], dict(stop_token_ids=[stop_id]), "stop", stop_id, None),
+        "eos": ([*script[:-1], eos], dict(ignore_eos=False), "stop", None, None),
+        "len": (script, dict(stop=["never there"]), "length", None, text),
+    }
+    engine, device = make_engine(tokenizer, params)
+    for rid, (ids, extra, *_) in cases.items():
+        extra = {"ignore_eos": True, **extra}
+        p = SamplingParams(temperature=0.0, max_tokens=len(ids), **extra)
+        add(engine, device, rid, [ids], p, output_kind=kind)
+    outs = run(engine)
+    for rid, (ids, _, reason, stop_reason, want_text) in cases.items():
+        got = [o.outputs[0] for o in outs[rid]]
+        o = got[-1]
+        if want_text is None:  # a stop id's text is not output
+            want_text = tokenizer.decode(ids[:-1])
+        token_ids = [t for g in got for t in g.token_ids] if kind == "delta" else o.token_ids
+        assert (o.finish_reason, o.stop_reason, token_ids) == (reason, stop_reason, ids), rid
+        if kind == "delta":
+            # Text sent before the cut stays sent; what is reported is a prefix of the whole.
+            assert "".join(g.text for g in got).startswith(want_text), rid
+        else:
+            assert o.text == want_text, rid
 
 
 def test_output_kinds_agree_and_final_builds_one_output(tokenizer, params):
