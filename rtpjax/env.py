@@ -35,3 +35,37 @@ def default_model_path() -> str:
 def log_level() -> str:
     """RTPJAX_LOG_LEVEL: logging level of rtpjax's loggers (default INFO)."""
     return os.environ.get("RTPJAX_LOG_LEVEL", "INFO").upper()
+
+
+# XLA records each step into a CUDA graph and, before every launch, re-records the commands whose
+# buffers moved. With the default allocator the temporary buffer moves whenever anything else was
+# allocated between two steps (the next step's input transfer does it), so every command of the
+# step was re-recorded on every launch (~2 ms for Llama-3-8B). SKIP_TEMP maps the temporary buffer
+# at a fixed virtual address (XLA's VMM allocator, which needs preallocation off). Measured in
+# docs/benchmarks.md ("stable graphs").
+_STABLE_GRAPH_FLAG = "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+
+
+def stable_graphs() -> bool:
+    """RTPJAX_STABLE_GRAPHS (default 1): keep the step's CUDA graph from being re-recorded every
+    launch (XLA's SKIP_TEMP update mode, and the engine's resident input buffers)."""
+    return os.environ.get("RTPJAX_STABLE_GRAPHS", "1") != "0"
+
+
+def configure_xla() -> bool:
+    """Set rtpjax's XLA defaults in the environment before jax starts; True if they were set.
+
+    RTPJAX_STABLE_GRAPHS=0 leaves XLA as it is. The user's own XLA_FLAGS update mode, or an
+    explicit XLA_PYTHON_CLIENT_PREALLOCATE=true, wins. Once jax has created its backends this
+    changes nothing.
+    """
+    if not stable_graphs():
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_command_buffer_update_mode" in flags:
+        return False
+    if os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false").lower() not in ("false", "0"):
+        return False
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    os.environ["XLA_FLAGS"] = f"{flags} {_STABLE_GRAPH_FLAG}".strip()
+    return True

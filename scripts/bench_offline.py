@@ -326,6 +326,11 @@ def main(argv=None) -> int:
     info["model"] = args.model or llm.model.name
     info["weights_gb"] = num_bytes(llama.spec(cfg, llm.model.dtype)) / 1e9
     info["load_s"] = time.perf_counter() - t0
+    info["kv_pages"] = llm.engine.runner.num_pages
+    stats = jax.devices()[0].memory_stats() or {}
+    info["memory"] = {k: stats.get(k) for k in ("bytes_limit", "bytes_in_use", "bytes_reserved")}
+    info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    info["stable_inputs"] = llm.engine.runner.stable_inputs
     results: dict = {"env": info, "args": vars(args)}
     rows = _Rows(args.json, results)
     is_gpu = jax.default_backend() == "gpu"

@@ -19,8 +19,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rtpjax import env
 from rtpjax.config import ModelConfig
 from rtpjax.engine import packing
 from rtpjax.engine.input_batch import InputBatch
@@ -106,6 +107,7 @@ class ModelRunner:
         eos_token_ids: frozenset[int] | None = None,
         small_decode_buckets: bool | None = None,
         cudnn_prefill: bool = False,
+        stable_inputs: bool | None = None,
     ):
         self.cfg = cfg
         self.params = params
@@ -147,8 +149,20 @@ class ModelRunner:
         self._step = jax.jit(
             functools.partial(_device_step, cfg=cfg),
             static_argnames=("layout", "static", "attention"),
-            donate_argnames=("kv",),
+            donate_argnames=("kv", "prev_sampled"),
         )
+        # XLA replays each step variant as a CUDA graph and re-records, before a launch, every
+        # command whose buffers moved. So that the step's inputs never move, each step's packed
+        # inputs are first copied into a device buffer kept per input size (donated, so the copy
+        # lands at the same address) and the step reads that one; the KV pages and the sampled ids
+        # are donated too. Default: on GPUs (CPU has no graphs; the extra copy would only cost).
+        self.stable_inputs = (
+            jax.default_backend() == "gpu" and env.stable_graphs()
+            if stable_inputs is None
+            else stable_inputs
+        )
+        self._staging: dict[int, jax.Array] = {}  # packed input size → its resident buffer
+        self._stage = jax.jit(_stage_inputs, donate_argnums=0)
 
     # -- memory -----------------------------------------------------------------------------------
 
@@ -298,6 +312,12 @@ class ModelRunner:
                 x.kv_lens.shape[0], x.tokens.shape[0], step.static
             )
         with jax.set_mesh(self.mesh):
+            if self.stable_inputs:
+                resident = self._staging.get(buf.size)
+                if resident is None:
+                    replicated = NamedSharding(self.mesh, PartitionSpec())
+                    resident = jax.device_put(np.zeros(buf.shape, buf.dtype), replicated)
+                buf = self._staging[buf.size] = self._stage(resident, buf)
             self.kv, outputs, self.prev_sampled = self._step(
                 self.params,
                 self.kv,
@@ -384,6 +404,11 @@ def output_layout(rows: int, tokens: int, static: StepStatic) -> packing.Layout:
             sds((tokens, m), f32),
         )
     return packing.Layout.of((out, prompt))
+
+
+def _stage_inputs(resident, buf):
+    """Copy a step's packed inputs into the donated resident buffer of their size."""
+    return resident.at[:].set(buf)
 
 
 def _device_step(

@@ -117,12 +117,22 @@ def test_greedy_matches_dense_reference(overrides):
 
 def test_accelerator_step_shapes_match_dense_reference():
     """What the engine does on GPUs, forced on CPU: rows tied to the token bucket, exact (T, B)
-    buckets of 1, 2, 4, 8 for small decode batches, and fresh-prefill steps (no cached prefix)
-    through packed causal attention instead of the paged kernel."""
+    buckets of 1, 2, 4, 8 for small decode batches, fresh-prefill steps (no cached prefix)
+    through packed causal attention instead of the paged kernel, and inputs staged into resident
+    buffers."""
     prompts, max_tokens = workload()
     engine = make_engine()
     runner = engine.runner
     runner.tight_rows, runner.small_decode, runner.cudnn_prefill = False, True, True
+    runner.stable_inputs = True
+    stage, addresses = runner._stage, {}
+
+    def recording_stage(resident, buf):
+        out = stage(resident, buf)
+        addresses.setdefault(buf.size, set()).add(out.unsafe_buffer_pointer())
+        return out
+
+    runner._stage = recording_stage
     outs = run(engine, prompts, greedy_params(max_tokens))
     for i, (o, r) in enumerate(zip(outs, reference_outputs())):
         assert o.outputs[0].token_ids == r, f"request {i} (prompt {len(prompts[i])} tokens)"
@@ -130,6 +140,8 @@ def test_accelerator_step_shapes_match_dense_reference():
     assert shapes & {1, 2, 4, 8}, f"no small decode bucket was used: {sorted(shapes)}"
     fresh = [static.fresh_prefill for _, static in runner._out_layouts]
     assert any(fresh) and not all(fresh), "both fresh and cached-prefix steps must occur"
+    # Each input size's resident buffer stayed where it was: the copy landed in the donated buffer.
+    assert len(addresses) > 1 and all(len(a) == 1 for a in addresses.values()), addresses
 
 
 def seeded(max_tokens, seed):
