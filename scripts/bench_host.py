@@ -9,16 +9,19 @@ tokens: greedy, ignore_eos, max_tokens large, detokenize on (the smollm2 tokeniz
 "cumulative" (what the server asks for today). The tokenizer's per-id byte cache is filled first,
 as in a server that has run a while. Once every sequence decodes, --steps steps are timed; the
 table gives percentiles of StepTiming.schedule_s (Scheduler.schedule), StepTiming.post_s
-(LLMEngine._process_result: scheduler.update, bookkeeping, detokenization, stop strings) and
-`output`, the RequestOutputs step() builds after post (timed here around LLMEngine._output; no
-StepTiming phase holds it).
+(LLMEngine._process_result: scheduler.update, bookkeeping, detokenization, stop strings),
+StepTiming.prepare_s (ModelRunner.prepare: the step's input arrays), `batch`, the part of prepare
+spent in its InputBatch (slots and page-table rows, sampling rows, flags; timed around those
+methods), and `output`, the RequestOutputs step() builds after post (timed here around
+LLMEngine._output; no StepTiming phase holds it).
 
 The device step is kept out of the figures. Unless --overlap, each step is waited for right after
 its launch, so the XLA threads computing it do not compete with the host phases for this
 machine's cores; its caches are still cold after each step (the logits alone are 0.5 MB at the
 tiny preset's 512 ids; --vocab 0 takes the tokenizer's 49152, 50 MB). --no-device replaces the
-runner's prepare / execute / fetch with stubs returning ids of the whole tokenizer vocabulary in
-Zipf proportions: the host work of a GPU machine, where the device is elsewhere.
+runner's execute / fetch with stubs returning ids of the whole tokenizer vocabulary in Zipf
+proportions: the host work of a GPU machine, where the device is elsewhere (prepare, numpy only,
+stays the runner's own).
 
 A second pass of the same length runs under cProfile, switched on in step() except inside the
 runner's prepare / execute / fetch, and prints the top functions by own time.
@@ -52,6 +55,8 @@ from rtpjax.sampling_params import SamplingParams
 from rtpjax.sharding.mesh import make_mesh
 from rtpjax.tokenizer import Tokenizer
 
+# The InputBatch methods ModelRunner.prepare calls (timed together as the `batch` part of prepare).
+BATCH_METHODS = ("slots", "sampling", "any_flag")
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TOKENIZER_DIR = os.path.join(ROOT, "tests", "fixtures", "tokenizer", "smollm2")
 
@@ -100,21 +105,22 @@ class Settled:
 
 
 class NoDevice:
-    """Stands in for the runner's prepare / execute / fetch: nothing runs on the device (so the XLA
-    step neither takes time nor evicts the host's caches between the host phases, as on a GPU
+    """Stands in for the runner's execute / fetch: nothing runs on the device (so the XLA step
+    neither takes time nor evicts the host's caches between the host phases, as on a GPU
     machine), and every sampling row gets an id of the tokenizer's vocabulary drawn with Zipf's
     law (probability ~ 1 / rank over a shuffled vocabulary), roughly as text uses its tokens."""
 
-    def __init__(self, vocab_size: int, seed: int) -> None:
+    def __init__(self, runner, vocab_size: int, seed: int) -> None:
+        self.runner = runner
         self.rng = np.random.default_rng(seed)
         self.ids = self.rng.permutation(np.arange(100, vocab_size - 100, dtype=np.int32))
         weights = 1.0 / np.arange(1, len(self.ids) + 1)
         self.cdf = np.cumsum(weights / weights.sum())
 
-    def prepare(self, sched):
-        return types.SimpleNamespace(chunks=list(sched.chunks), needs_sync=False)
-
     def execute(self, prepared):
+        # As ModelRunner.execute: the next step's from_device chunks read the rows sampled here.
+        chunks = prepared.chunks
+        self.runner._prev_rows = {c.seq.seq_id: b for b, c in enumerate(chunks) if c.samples}
         return types.SimpleNamespace(prepared=prepared)
 
     def fetch(self, inflight) -> StepResult:
@@ -153,9 +159,8 @@ def build_engine(args) -> LLMEngine:
     params = random_params(cfg, jnp.float32, mesh)
     engine = LLMEngine(cfg, params, tokenizer, mesh, config, num_pages=num_pages)
     if args.no_device:
-        fake = NoDevice(tokenizer.vocab_size, args.seed)
-        engine.runner.prepare, engine.runner.execute = fake.prepare, fake.execute
-        engine.runner.fetch = fake.fetch
+        fake = NoDevice(engine.runner, tokenizer.vocab_size, args.seed)
+        engine.runner.execute, engine.runner.fetch = fake.execute, fake.fetch
     elif not args.overlap:
         engine.runner.execute = Settled(engine.runner.execute)
     return engine
@@ -187,14 +192,22 @@ def run_pass(engine: LLMEngine, args, profile: cProfile.Profile | None, tag: str
         engine.step()
 
     first = len(engine.stats.step_log)
-    out_s = []
+    out_s, batch_s = [], []
     if profile is None:
         out_clock = engine._output = Clock(engine._output)
+        batch = engine.runner.batch
+        batch_clocks = [Clock(getattr(batch, name)) for name in BATCH_METHODS]
+        for name, clock in zip(BATCH_METHODS, batch_clocks):
+            setattr(batch, name, clock)
         for _ in range(args.steps):
             before = out_clock.seconds
+            batch_before = sum(c.seconds for c in batch_clocks)
             engine.step()
             out_s.append(out_clock.seconds - before)
+            batch_s.append(sum(c.seconds for c in batch_clocks) - batch_before)
         del engine._output
+        for name in BATCH_METHODS:
+            delattr(batch, name)
     else:
         runner = engine.runner
         saved = {name: getattr(runner, name) for name in ("prepare", "execute", "fetch")}
@@ -218,12 +231,20 @@ def run_pass(engine: LLMEngine, args, profile: cProfile.Profile | None, tag: str
         engine.step()
     sched = np.array([r[2] for r in rows]) * 1e3
     post = np.array([r[5] for r in rows]) * 1e3
+    prep = np.array([r[6] for r in rows]) * 1e3
+    batch = np.array(batch_s or [0.0]) * 1e3
     out = np.array(out_s or [0.0]) * 1e3
 
     def pct(a: np.ndarray) -> dict:
         return {f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 99)}
 
-    return {"schedule_ms": pct(sched), "post_ms": pct(post), "output_ms": pct(out)}
+    return {
+        "schedule_ms": pct(sched),
+        "post_ms": pct(post),
+        "prepare_ms": pct(prep),
+        "batch_ms": pct(batch),
+        "output_ms": pct(out),
+    }
 
 
 def main() -> None:
@@ -250,7 +271,8 @@ def main() -> None:
     ap.add_argument(
         "--no-device",
         action="store_true",
-        help="no model: the runner's phases are stubs returning random ids of the tokenizer",
+        help="no model: the runner's execute and fetch are stubs returning random ids of the "
+        "tokenizer (prepare is its own)",
     )
     ap.add_argument(
         "--overlap",
@@ -273,7 +295,7 @@ def main() -> None:
     timing = run_pass(engine, args, None, "timed")
     print(f"steady decode, batch {args.batch}, {args.steps} steps, host ms per step (CPU)")
     print(f"{'phase':<10}{'p50':>9}{'p90':>9}{'p99':>9}")
-    for name in ("schedule", "post", "output"):
+    for name in ("schedule", "post", "prepare", "batch", "output"):
         row = timing[f"{name}_ms"]
         print(f"{name:<10}{row['p50']:>9.3f}{row['p90']:>9.3f}{row['p99']:>9.3f}")
 
