@@ -22,6 +22,11 @@ _FLOAT_FIELDS = (
     "presence_penalty",
     "frequency_penalty",
 )
+# What a padding row (and a greedy row's temperature / top_p / min_p) holds: sampling no-ops.
+_NOOP = {"temperature": 0.0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
+_NOOP_FLOATS = np.array([_NOOP.get(f, 0.0) for f in _FLOAT_FIELDS], np.float32)  # f32[6]
+# Columns of InputBatch.flags.
+SAMPLES, TOP_K_P, PENALTIES, SPECIAL, LOGPROBS = range(5)
 _MIN_WIDTH = 4  # suppress / logit_bias widths: powers of two from 4, so few shapes compile
 
 
@@ -40,21 +45,28 @@ class InputBatch:
         self._pt_adm: list[int] = []  # the admission those pages belong to
         self.capacity = 0
         self.page_table = np.zeros((0, pages_per_seq), np.int32)  # i32[C, P]
-        self.floats = {f: np.zeros(0, np.float32) for f in _FLOAT_FIELDS}
-        self.top_k = np.zeros(0, np.int32)
-        self.seed = np.zeros(0, np.uint32)
-        # Per-slot booleans: not greedy, top-k/top-p, penalties, min_tokens/logit_bias, logprobs.
-        self.flags = np.zeros((0, 5), np.bool_)
+        # One row per field of _FLOAT_FIELDS: a step gathers all six with one fancy-index.
+        self.floats = np.zeros((len(_FLOAT_FIELDS), 0), np.float32)  # f32[6, C]
+        self.top_k = np.zeros(0, np.int32)  # i32[C]
+        self.seed = np.zeros(0, np.uint32)  # u32[C]
+        # Per-slot booleans, columns SAMPLES .. LOGPROBS: not greedy, top-k/top-p, penalties,
+        # min_tokens/logit_bias, logprobs; and how many live slots have each (a step asks the
+        # rows only when some but not all live sequences do).
+        self.flags = np.zeros((0, 5), np.bool_)  # bool[C, 5]
+        self._flag_counts = [0] * 5
         self._grow(capacity)
 
     def _grow(self, capacity: int) -> None:
         old = self.capacity
         self.page_table = np.resize(self.page_table, (capacity, self.pages_per_seq))
         self.page_table[old:] = 0
-        self.floats = {f: np.resize(a, capacity) for f, a in self.floats.items()}
+        floats = np.zeros((len(_FLOAT_FIELDS), capacity), np.float32)
+        floats[:, :old] = self.floats
+        self.floats = floats
         self.top_k = np.resize(self.top_k, capacity)
         self.seed = np.resize(self.seed, capacity)
         self.flags = np.resize(self.flags, (capacity, 5))
+        self.flags[old:] = False
         self._params.extend([None] * (capacity - old))
         self._pt_len.extend([0] * (capacity - old))
         self._pt_adm.extend([-1] * (capacity - old))
@@ -72,11 +84,11 @@ class InputBatch:
         self._pt_len[s] = 0
         self._pt_adm[s] = -1
         greedy = params.is_greedy()
-        for f in _FLOAT_FIELDS:
+        for j, f in enumerate(_FLOAT_FIELDS):
             value = getattr(params, f)
             if greedy and f in ("temperature", "top_p", "min_p"):
-                value = {"temperature": 0.0, "top_p": 1.0, "min_p": 0.0}[f]
-            self.floats[f][s] = value
+                value = _NOOP[f]
+            self.floats[j, s] = value
         self.top_k[s] = 0 if greedy else max(params.top_k, 0)
         self.seed[s] = seed % (1 << 32)
         self.flags[s] = (
@@ -86,11 +98,15 @@ class InputBatch:
             bool(params.min_tokens or params.logit_bias),
             params.logprobs is not None,
         )
+        for j in np.flatnonzero(self.flags[s]):
+            self._flag_counts[j] += 1
 
     def remove(self, seq_id: int) -> None:
         s = self._slot.pop(seq_id, None)
         if s is not None:
             self._params[s] = None
+            for j in np.flatnonzero(self.flags[s]):
+                self._flag_counts[j] -= 1
             self._free.append(s)
 
     def __contains__(self, seq_id: int) -> bool:
@@ -100,39 +116,43 @@ class InputBatch:
 
     def slots(self, seqs: list[Sequence]) -> np.ndarray:
         """i32[n] slots of `seqs`, their page-table rows brought up to date."""
-        out = np.empty(len(seqs), np.int32)
-        slot_of, pt_len, pt_adm, table = self._slot, self._pt_len, self._pt_adm, self.page_table
-        for i, seq in enumerate(seqs):
+        slot_of, pt_len, pt_adm = self._slot, self._pt_len, self._pt_adm
+        out = []
+        for seq in seqs:
             s = slot_of[seq.seq_id]
-            out[i] = s
-            pages = seq.page_ids
-            n, have = len(pages), pt_len[s]
-            if seq.num_admissions != pt_adm[s] or n < have:
-                table[s, :n] = pages  # a new admission (after preemption): rewrite the row
-                pt_adm[s] = seq.num_admissions
-                pt_len[s] = n
-            elif n > have:
-                table[s, have:n] = pages[have:]
-                pt_len[s] = n
-        return out
+            out.append(s)
+            # Most steps add no page to a row: one length test (and one admission test) each.
+            if len(seq.page_ids) != pt_len[s] or seq.num_admissions != pt_adm[s]:
+                self._write_row(s, seq)
+        return np.array(out, np.int32)
+
+    def _write_row(self, s: int, seq: Sequence) -> None:
+        pages = seq.page_ids
+        n, have = len(pages), self._pt_len[s]
+        if seq.num_admissions != self._pt_adm[s] or n < have:
+            self.page_table[s, :n] = pages  # a new admission (after preemption): rewrite the row
+            self._pt_adm[s] = seq.num_admissions
+        else:
+            self.page_table[s, have:n] = pages[have:]  # only the pages added since
+        self._pt_len[s] = n
 
     def sampling(
         self, slots: np.ndarray, seqs: list[Sequence], steps: np.ndarray, rows: int
     ) -> SamplingTensors:
         """SamplingTensors of numpy arrays for the step's rows (padding rows greedy no-ops)."""
         n = len(slots)
-
-        def pad(a: np.ndarray, fill) -> np.ndarray:
-            out = np.full(rows, fill, a.dtype)
-            out[:n] = a[slots]
-            return out
-
-        f = self.floats
+        floats = np.empty((len(_FLOAT_FIELDS), rows), np.float32)  # f32[6, B]
+        floats[:, :n] = self.floats[:, slots]
+        floats[:, n:] = _NOOP_FLOATS[:, None]
+        top_k = np.zeros(rows, np.int32)
+        top_k[:n] = self.top_k[slots]
+        seed = np.zeros(rows, np.uint32)
+        seed[:n] = self.seed[slots]
         suppress_rows, bias_rows = [], []
-        if self.flags[slots, 3].any():
+        if self._flag_counts[SPECIAL] and self.flags[slots, SPECIAL].any():
             for i, s in enumerate(slots):
                 p = self._params[s]
-                if not self.flags[s, 3]:
+                if not self.flags[s, SPECIAL]:
                     continue
                 if int(steps[i]) < p.min_tokens:
                     ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids))
@@ -151,15 +171,16 @@ class InputBatch:
             bias_values[i, : len(items)] = [v for _, v in items]
         step = np.zeros(rows, np.int32)
         step[:n] = steps
+        temperature, top_p, min_p, repetition, presence, frequency = floats  # f32[B] each
         return SamplingTensors(
-            temperature=pad(f["temperature"], 0.0),
-            top_p=pad(f["top_p"], 1.0),
-            top_k=pad(self.top_k, 0),
-            min_p=pad(f["min_p"], 0.0),
-            repetition_penalty=pad(f["repetition_penalty"], 1.0),
-            presence_penalty=pad(f["presence_penalty"], 0.0),
-            frequency_penalty=pad(f["frequency_penalty"], 0.0),
-            seed=pad(self.seed, 0),
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition,
+            presence_penalty=presence,
+            frequency_penalty=frequency,
+            seed=seed,
             step=step,
             suppress=suppress,
             bias_ids=bias_ids,
@@ -168,7 +189,16 @@ class InputBatch:
 
     def any_flag(self, slots: np.ndarray) -> np.ndarray:
         """bool[5]: does any row want (sampling, top-k/p, penalties, special, logprobs)."""
-        return self.flags[slots].any(axis=0)
+        wants = np.zeros(5, np.bool_)
+        if len(slots) == 0:
+            return wants
+        # A flag no live sequence has is off, one every live sequence has is on: only a flag
+        # some live sequences have needs the step's rows.
+        live = len(self._slot)
+        for j, count in enumerate(self._flag_counts):
+            if count:
+                wants[j] = count == live or self.flags[slots, j].any()
+        return wants
 
     def params(self, slot: int) -> SamplingParams | None:
         return self._params[slot]
