@@ -315,12 +315,14 @@ class LLMEngine:
         now = time.monotonic()
         for seq_id, (start, lp, top_i, top_lp) in result.prompt_logprobs.items():
             self._add_prompt_logprobs(seq_id, start, lp, top_i, top_lp)
-        # One sampled token per row: {seq_id: (token,)}.
-        upd = self.scheduler.update(dict(zip(result.seq_ids, zip(result.token_ids.tolist()))))
+        upd = self.scheduler.update_sampled(result.seq_ids, result.token_ids.tolist())
         rows: dict[int, int] | None = None  # seq_id → result row, built once logprobs need it
+        by_seq = self._by_seq
         ended: dict[str, _Request] = {}
+        # Once per running sequence per step: the common case (a token of whole characters, no
+        # stop string in it, no logprobs) stays inline; the rest goes to helpers.
         for seq in upd.updated:
-            entry = self._by_seq.get(seq.seq_id)
+            entry = by_seq.get(seq.seq_id)
             if entry is None:
                 continue
             req, state = entry
@@ -335,9 +337,13 @@ class LLMEngine:
                     rows = {sid: i for i, sid in enumerate(result.seq_ids)}
                 self._append_logprobs(req, state, result, rows[seq.seq_id], token)
             if state.detok is not None:
-                self._append_text(req, state, token)
+                if seq.finish_reason is FinishReason.STOP:  # by a stop id, in update()
+                    self._add_stop_token(req.params, state, token)
+                elif (delta := state.detok.add(token)) and req.params.stop:
+                    self._find_stop_string(req.params, state, delta)
             changed[req.request_id] = req
-            if seq.is_finished:  # by a stop id or max_tokens (update) or a stop string (above)
+            # Ended by a stop id or max_tokens (update) or a stop string (above).
+            if seq.finish_reason is not None:
                 ended[req.request_id] = req
         for req in ended.values():
             if req.finished:
@@ -353,17 +359,13 @@ class LLMEngine:
         state.logprobs.append(d)
         state.cumulative_logprob += float(result.logprob[i])
 
-    def _append_text(self, req: _Request, state: _SeqState, token: int) -> None:
-        seq, p = state.seq, req.params
-        if seq.finish_reason is FinishReason.STOP:  # by a stop id, in update()
-            # A stop token's text is not part of the output (as vLLM); EOS decodes to "" anyway.
-            state.stop_reason = token if token in p.stop_token_ids else None
-            if p.include_stop_str_in_output and token in p.stop_token_ids:
-                state.detok.add(token)
-            return
-        delta = state.detok.add(token)
-        if delta and p.stop:
-            self._find_stop_string(p, state, delta)
+    @staticmethod
+    def _add_stop_token(p: SamplingParams, state: _SeqState, token: int) -> None:
+        """A stop id (or EOS) ended the sequence: its text is not part of the output (as vLLM;
+        EOS decodes to "" anyway) unless include_stop_str_in_output asks for a stop id's."""
+        state.stop_reason = token if token in p.stop_token_ids else None
+        if p.include_stop_str_in_output and token in p.stop_token_ids:
+            state.detok.add(token)
 
     def _find_stop_string(self, p: SamplingParams, state: _SeqState, delta: str) -> None:
         """End the sequence at the earliest stop string that `delta`, just added, completes.

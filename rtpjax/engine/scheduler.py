@@ -337,20 +337,13 @@ class Scheduler:
         Tokens of a sequence finished or aborted meanwhile are dropped. A list with several tokens
         (speculative decoding) is appended in order up to the first stop.
         """
-        caching = self.block_manager.enable_prefix_caching
-        page_size = self.config.page_size
         updated: list[Sequence] = []
         finished: list[Sequence] = []
         for seq_id, tokens in sampled.items():
-            seq = self._seqs.get(seq_id)
-            if seq is None or seq.num_pending <= 0:
-                raise ValueError(f"update: seq_id={seq_id} has no sampled token in flight")
             if len(tokens) == 0:
                 raise ValueError(f"update: seq_id={seq_id} got no tokens; at least one is due")
-            seq.num_pending -= 1
-            if seq.is_finished:
-                if seq.num_pending == 0:
-                    del self._seqs[seq_id]
+            seq = self._take_pending(seq_id)
+            if seq is None:
                 continue
             for token in tokens:
                 token = int(token)
@@ -361,11 +354,65 @@ class Scheduler:
                     finished.append(seq)
                     break
             updated.append(seq)
-            # Most tokens fill no page: test that cheaply before the full check.
+            self._cache_new_pages(seq)
+        return UpdateOutput(updated, finished)
+
+    def update_sampled(self, seq_ids: Seq[int], token_ids: Seq[int]) -> UpdateOutput:
+        """update() for one sampled token per sequence (`token_ids[i]` for `seq_ids[i]`, Python
+        ints): every step without speculative decoding. The same rules, without the mapping and
+        with the per-token work inline (it runs for every running sequence every step)."""
+        caching = self.block_manager.enable_prefix_caching
+        page_size = self.config.page_size
+        running = SequenceStatus.RUNNING
+        seqs = self._seqs
+        updated: list[Sequence] = []
+        finished: list[Sequence] = []
+        for seq_id, token in zip(seq_ids, token_ids, strict=True):
+            seq = seqs.get(seq_id)
+            if seq is None or seq.num_pending <= 0 or seq.status is not running:
+                seq = self._take_pending(seq_id)
+                if seq is None:
+                    continue
+            else:
+                seq.num_pending -= 1
+            seq.output_token_ids.append(token)
+            ids = seq.all_token_ids  # (the live list: append_token without the call)
+            ids.append(token)
+            updated.append(seq)
+            # Most tokens neither can end the sequence nor fill a page: two cheap tests first.
+            if token in seq.ending_ids or len(seq.output_token_ids) >= seq.max_tokens:
+                reason = seq.stop_reason_for(token)
+                if reason is not None:
+                    self.finish(seq, reason)
+                    finished.append(seq)
+                    continue
             if (
                 caching
-                and seq.status is SequenceStatus.RUNNING
-                and seq.num_tokens >= (seq.num_registered_pages + 1) * page_size
+                and len(ids) >= (seq.num_registered_pages + 1) * page_size
+                and seq.status is running
             ):
                 self._cache_full_pages(seq)
         return UpdateOutput(updated, finished)
+
+    def _take_pending(self, seq_id: int) -> Sequence | None:
+        """Count one in-flight token of seq_id as returned; the sequence, or None when it finished
+        meanwhile (its token is dropped; it is forgotten once nothing of it is in flight)."""
+        seq = self._seqs.get(seq_id)
+        if seq is None or seq.num_pending <= 0:
+            raise ValueError(f"update: seq_id={seq_id} has no sampled token in flight")
+        seq.num_pending -= 1
+        if seq.is_finished:
+            if seq.num_pending == 0:
+                del self._seqs[seq_id]
+            return None
+        return seq
+
+    def _cache_new_pages(self, seq: Sequence) -> None:
+        """After tokens were appended: register the pages they filled, if any."""
+        # Most tokens fill no page: test that cheaply before the full check.
+        if (
+            self.block_manager.enable_prefix_caching
+            and seq.status is SequenceStatus.RUNNING
+            and seq.num_tokens >= (seq.num_registered_pages + 1) * self.config.page_size
+        ):
+            self._cache_full_pages(seq)

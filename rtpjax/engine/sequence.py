@@ -84,6 +84,10 @@ class Sequence:
         self.ignore_eos: bool = (
             getattr(params, "ignore_eos", False) if ignore_eos is None else ignore_eos
         )
+        # The ids that can end it (past min_tokens): one set for the per-token test.
+        self.ending_ids: frozenset[int] = self.user_stop_token_ids | (
+            frozenset() if self.ignore_eos else self.stop_token_ids
+        )
 
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
@@ -126,13 +130,10 @@ class Sequence:
 
     def stop_reason_for(self, token_id: int) -> FinishReason | None:
         """The finish reason once `token_id` has been appended as the newest output, or None."""
-        index = len(self.output_token_ids) - 1
-        if index >= self.min_tokens and (
-            token_id in self.user_stop_token_ids
-            or (not self.ignore_eos and token_id in self.stop_token_ids)
-        ):
+        num_outputs = len(self.output_token_ids)
+        if token_id in self.ending_ids and num_outputs > self.min_tokens:
             return FinishReason.STOP
-        if len(self.output_token_ids) >= self.max_tokens:
+        if num_outputs >= self.max_tokens:
             return FinishReason.LENGTH
         return None
 
