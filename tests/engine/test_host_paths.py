@@ -20,7 +20,7 @@ from rtpjax.engine.block_manager import BlockManager
 from rtpjax.engine.engine import EngineConfig, LLMEngine
 from rtpjax.engine.model_runner import StepResult
 from rtpjax.engine.scheduler import Scheduler, SchedulerConfig
-from rtpjax.engine.sequence import Sequence
+from rtpjax.engine.sequence import FinishReason, Sequence
 from rtpjax.models.presets import preset, random_params
 from rtpjax.sampling_params import SamplingParams
 from rtpjax.sharding.mesh import make_mesh
@@ -320,3 +320,66 @@ def test_pages_are_allocated_and_registered_only_at_page_boundaries():
     assert sum(allocations) >= sum(-(-q.num_tokens // ps) - 1 for q in seqs)
     bm.check_invariants()
     assert bm.num_used_pages == 0
+
+
+def test_update_sampled_applies_tokens_as_update_does():
+    """The per-step path (one token per row, no mapping) and the general update() leave every
+    sequence, page and cache entry the same, through stop ids, EOS, min_tokens, max_tokens,
+    preemption (few pages) and finishes while a token is in flight."""
+
+    def make() -> tuple[Scheduler, list[Sequence]]:
+        bm = BlockManager(16, 4)
+        s = Scheduler(SchedulerConfig(max_model_len=40, page_size=4, max_num_batched_tokens=64), bm)
+        seqs = []
+        for i in range(8):
+            q = Sequence(
+                str(i),
+                list(range(10 * i, 10 * i + 3 + i)),
+                max_tokens=6 + 3 * i,
+                seq_id=1000 + i,
+                stop_token_ids=[2],
+                user_stop_token_ids=[3] if i % 2 else [],
+                ignore_eos=i % 3 == 0,
+                min_tokens=i % 4,
+            )
+            s.add(q)
+            seqs.append(q)
+        return s, seqs
+
+    (a, seqs_a), (b, seqs_b) = make(), make()
+    rng = random.Random(1)
+    inflight = None
+    for _ in range(80):
+        out_a, out_b = a.schedule(), b.schedule()
+        plan = [(c.seq.seq_id, c.start, c.num_tokens, c.from_device) for c in out_a.chunks]
+        assert plan == [(c.seq.seq_id, c.start, c.num_tokens, c.from_device) for c in out_b.chunks]
+        if inflight is not None:
+            ids = [c.seq.seq_id for c in inflight if c.samples]
+            tokens = [rng.choice([2, 3, *range(50, 60)]) for _ in ids]
+            up_a = a.update({i: [t] for i, t in zip(ids, tokens)})
+            up_b = b.update_sampled(ids, tokens)
+            assert [q.seq_id for q in up_a.updated] == [q.seq_id for q in up_b.updated]
+            assert [q.seq_id for q in up_a.finished] == [q.seq_id for q in up_b.finished]
+        inflight = out_a.chunks
+        for qa, qb in zip(seqs_a, seqs_b):
+            assert (qa.all_token_ids, qa.status, qa.finish_reason, qa.page_ids) == (
+                qb.all_token_ids,
+                qb.status,
+                qb.finish_reason,
+                qb.page_ids,
+            )
+            assert (qa.num_registered_pages, qa.num_pending) == (
+                qb.num_registered_pages,
+                qb.num_pending,
+            )
+        if rng.random() < 0.05:
+            victim = rng.randrange(8)
+            a.abort(1000 + victim)
+            b.abort(1000 + victim)
+        if not a.has_work() and not any(q.num_pending for q in seqs_a):
+            break
+    reasons = {q.finish_reason for q in seqs_a}
+    assert {FinishReason.STOP, FinishReason.LENGTH} <= reasons
+    assert sum(q.num_preemptions for q in seqs_a) > 0
+    a.block_manager.check_invariants()
+    assert a.block_manager._page_to_hash == b.block_manager._page_to_hash
