@@ -36,7 +36,9 @@ class RequestMetrics:
         return [b - a for a, b in itertools.pairwise(t)]
 
 
-@dataclasses.dataclass
+# slots: the engine builds one CompletionOutput and one RequestOutput per running request per step
+# (a slots __init__ is about a fifth cheaper).
+@dataclasses.dataclass(slots=True)
 class CompletionOutput:
     index: int  # which of the request's n completions
     text: str
@@ -50,7 +52,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt: str | None
