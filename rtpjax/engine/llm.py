@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence as Seq
 from typing import Any
 
+from rtpjax import env
 from rtpjax.engine.engine import EngineConfig, LLMEngine
 from rtpjax.engine.model_runner import ModelRunner
 from rtpjax.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -48,6 +49,8 @@ class LLM:
         cudnn_prefill: bool = False,
         progress: bool = True,
     ):
+        if not env.jax_started():
+            env.configure_xla()  # stable CUDA graphs for the step: rtpjax/env.py
         if isinstance(model, LoadedModel):
             loaded = model
         else:
@@ -235,12 +238,12 @@ def plan_num_pages(model: LoadedModel, config: EngineConfig) -> int:
     if config.num_pages is not None:
         pages = config.num_pages
     else:
-        stats = model.mesh.devices.flat[0].memory_stats() or {}
-        limit, used = stats.get("bytes_limit"), stats.get("bytes_in_use", 0)
-        if limit is None:
+        memory = env.device_memory(model.mesh.devices.flat[0])
+        if memory is None:
             # CPU: no memory statistics; enough for every sequence at full length, capped at 4 GiB.
             budget = min(4 * 2**30, per_page * per_seq * config.max_num_seqs // tp + per_page)
         else:
+            limit, used = memory
             budget = int(config.kv_cache_memory_fraction * limit - used)
         pages = int(budget * tp // per_page)
     if pages < per_seq + 1:

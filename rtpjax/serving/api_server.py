@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_server(args: ServerArgs) -> int:
     """Load, warm up, listen, print the address line, serve until SIGTERM/SIGINT; exit status."""
+    from rtpjax import env
+
+    if not env.jax_started():
+        env.configure_xla()  # before anything starts jax: rtpjax/env.py
     import jax
     import uvicorn
 

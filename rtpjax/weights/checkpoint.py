@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from rtpjax import env
 from rtpjax.config import ModelConfig, read_json
 from rtpjax.env import DEFAULT_MODEL_NAME, default_model_path
 from rtpjax.models import llama
@@ -172,10 +173,10 @@ def random_model(
 def _check_fits(cfg: ModelConfig, dtype: Any, mesh: Mesh, path: str) -> None:
     """A model larger than the devices' memory gets a clear error before anything is loaded."""
     need = num_bytes(llama.spec(cfg, dtype))
-    stats = mesh.devices.flat[0].memory_stats() or {}
-    limit = stats.get("bytes_limit")
-    if limit is None:
+    memory = env.device_memory(mesh.devices.flat[0])
+    if memory is None:
         return
+    limit = memory[0]
     tp = mesh.shape.get("tensor", 1)
     per_device = need / tp
     if per_device > 0.95 * limit:

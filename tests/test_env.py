@@ -1,0 +1,56 @@
+"""rtpjax's XLA defaults (env.configure_xla) and the device-memory query the KV planner uses."""
+
+import jax
+import pytest
+
+from rtpjax import env
+
+FLAG = "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ("RTPJAX_STABLE_GRAPHS", "XLA_PYTHON_CLIENT_PREALLOCATE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    return monkeypatch
+
+
+def test_sets_skip_temp_and_no_preallocation(clean_env):
+    import os
+
+    assert env.configure_xla()
+    assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {FLAG}"
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert not env.configure_xla(), "a second call must not add the flag twice"
+    assert os.environ["XLA_FLAGS"].count("command_buffer_update_mode") == 1
+
+
+@pytest.mark.parametrize(
+    "var, value",
+    [
+        ("RTPJAX_STABLE_GRAPHS", "0"),
+        ("XLA_PYTHON_CLIENT_PREALLOCATE", "true"),
+        ("XLA_FLAGS", "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"),
+    ],
+)
+def test_user_settings_win(clean_env, var, value):
+    import os
+
+    clean_env.setenv(var, value)
+    before = os.environ.get("XLA_FLAGS")
+    assert not env.configure_xla()
+    assert os.environ.get("XLA_FLAGS") == before
+    assert FLAG not in os.environ["XLA_FLAGS"]
+
+
+def test_stable_graphs_switch(clean_env):
+    assert env.stable_graphs()
+    clean_env.setenv("RTPJAX_STABLE_GRAPHS", "0")
+    assert not env.stable_graphs()
+
+
+def test_device_memory_unknown_on_cpu_and_jax_started():
+    dev = jax.devices()[0]
+    assert env.jax_started()
+    assert env.device_memory(dev) is None  # CPU keeps no statistics: the planner's CPU branch
