@@ -16,9 +16,19 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
+def test_off_by_default(clean_env):
+    import os
+
+    assert not env.stable_graphs()
+    assert not env.configure_xla()
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in os.environ
+
+
 def test_sets_skip_temp_and_no_preallocation(clean_env):
     import os
 
+    clean_env.setenv("RTPJAX_STABLE_GRAPHS", "1")
     assert env.configure_xla()
     assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {FLAG}"
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
@@ -29,7 +39,6 @@ def test_sets_skip_temp_and_no_preallocation(clean_env):
 @pytest.mark.parametrize(
     "var, value",
     [
-        ("RTPJAX_STABLE_GRAPHS", "0"),
         ("XLA_PYTHON_CLIENT_PREALLOCATE", "true"),
         ("XLA_FLAGS", "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"),
     ],
@@ -37,6 +46,7 @@ def test_sets_skip_temp_and_no_preallocation(clean_env):
 def test_user_settings_win(clean_env, var, value):
     import os
 
+    clean_env.setenv("RTPJAX_STABLE_GRAPHS", "1")
     clean_env.setenv(var, value)
     before = os.environ.get("XLA_FLAGS")
     assert not env.configure_xla()
@@ -45,6 +55,7 @@ def test_user_settings_win(clean_env, var, value):
 
 
 def test_stable_graphs_switch(clean_env):
+    clean_env.setenv("RTPJAX_STABLE_GRAPHS", "1")
     assert env.stable_graphs()
     clean_env.setenv("RTPJAX_STABLE_GRAPHS", "0")
     assert not env.stable_graphs()

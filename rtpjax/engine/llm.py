@@ -50,7 +50,7 @@ class LLM:
         progress: bool = True,
     ):
         if not env.jax_started():
-            env.configure_xla()  # stable CUDA graphs for the step: rtpjax/env.py
+            env.configure_xla()  # opt-in stable CUDA graphs (RTPJAX_STABLE_GRAPHS): rtpjax/env.py
         if isinstance(model, LoadedModel):
             loaded = model
         else:

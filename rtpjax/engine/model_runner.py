@@ -152,10 +152,10 @@ class ModelRunner:
             donate_argnames=("kv", "prev_sampled"),
         )
         # XLA replays each step variant as a CUDA graph and re-records, before a launch, every
-        # command whose buffers moved. So that the step's inputs never move, each step's packed
-        # inputs are first copied into a device buffer kept per input size (donated, so the copy
-        # lands at the same address) and the step reads that one; the KV pages and the sampled ids
-        # are donated too. Default: on GPUs (CPU has no graphs; the extra copy would only cost).
+        # command whose buffers moved. With stable inputs each step's packed inputs are first
+        # copied into a device buffer kept per input size (donated, so the copy lands at the same
+        # address) and the step reads that one; the KV pages and the sampled ids are donated
+        # anyway. Default: with RTPJAX_STABLE_GRAPHS=1 on GPUs (opt-in, see rtpjax/env.py).
         self.stable_inputs = (
             jax.default_backend() == "gpu" and env.stable_graphs()
             if stable_inputs is None
