@@ -12,8 +12,9 @@ table gives percentiles of StepTiming.schedule_s (Scheduler.schedule), StepTimin
 (LLMEngine._process_result: scheduler.update, bookkeeping, detokenization, stop strings),
 StepTiming.prepare_s (ModelRunner.prepare: the step's input arrays), `batch`, the part of prepare
 spent in its InputBatch (slots and page-table rows, sampling rows, flags; timed around those
-methods), and `output`, the RequestOutputs step() builds after post (timed here around
-LLMEngine._output; no StepTiming phase holds it).
+methods), `output`, the RequestOutputs step() builds after post (timed here around
+LLMEngine._output; no StepTiming phase holds it), `record` (EngineStats.record_step, likewise
+outside every phase) and `step`, the wall time of the whole engine.step() call.
 
 The device step is kept out of the figures. Unless --overlap, each step is waited for right after
 its launch, so the XLA threads computing it do not compete with the host phases for this
@@ -192,9 +193,10 @@ def run_pass(engine: LLMEngine, args, profile: cProfile.Profile | None, tag: str
         engine.step()
 
     first = len(engine.stats.step_log)
-    out_s, batch_s = [], []
+    out_s, batch_s, record_s, step_s = [], [], [], []
     if profile is None:
         out_clock = engine._output = Clock(engine._output)
+        record_clock = engine.stats.record_step = Clock(engine.stats.record_step)
         batch = engine.runner.batch
         batch_clocks = [Clock(getattr(batch, name)) for name in BATCH_METHODS]
         for name, clock in zip(BATCH_METHODS, batch_clocks):
@@ -202,10 +204,14 @@ def run_pass(engine: LLMEngine, args, profile: cProfile.Profile | None, tag: str
         for _ in range(args.steps):
             before = out_clock.seconds
             batch_before = sum(c.seconds for c in batch_clocks)
+            record_before = record_clock.seconds
+            t0 = time.perf_counter()
             engine.step()
+            step_s.append(time.perf_counter() - t0)
             out_s.append(out_clock.seconds - before)
             batch_s.append(sum(c.seconds for c in batch_clocks) - batch_before)
-        del engine._output
+            record_s.append(record_clock.seconds - record_before)
+        del engine._output, engine.stats.record_step
         for name in BATCH_METHODS:
             delattr(batch, name)
     else:
@@ -234,6 +240,8 @@ def run_pass(engine: LLMEngine, args, profile: cProfile.Profile | None, tag: str
     prep = np.array([r[6] for r in rows]) * 1e3
     batch = np.array(batch_s or [0.0]) * 1e3
     out = np.array(out_s or [0.0]) * 1e3
+    record = np.array(record_s or [0.0]) * 1e3
+    whole = np.array(step_s or [0.0]) * 1e3
 
     def pct(a: np.ndarray) -> dict:
         return {f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 99)}
@@ -244,6 +252,8 @@ def run_pass(engine: LLMEngine, args, profile: cProfile.Profile | None, tag: str
         "prepare_ms": pct(prep),
         "batch_ms": pct(batch),
         "output_ms": pct(out),
+        "record_ms": pct(record),
+        "step_ms": pct(whole),
     }
 
 
@@ -295,7 +305,7 @@ def main() -> None:
     timing = run_pass(engine, args, None, "timed")
     print(f"steady decode, batch {args.batch}, {args.steps} steps, host ms per step (CPU)")
     print(f"{'phase':<10}{'p50':>9}{'p90':>9}{'p99':>9}")
-    for name in ("schedule", "post", "prepare", "batch", "output"):
+    for name in ("schedule", "post", "prepare", "batch", "output", "record", "step"):
         row = timing[f"{name}_ms"]
         print(f"{name:<10}{row['p50']:>9.3f}{row['p90']:>9.3f}{row['p99']:>9.3f}")
 
