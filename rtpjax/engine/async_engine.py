@@ -129,6 +129,7 @@ class _Add:
     params: SamplingParams
     priority: int
     arrival_time: float
+    output_kind: str = "cumulative"
 
 
 _STOP = object()
@@ -204,9 +205,11 @@ class AsyncLLMEngine:
         *,
         priority: int = 0,
         out_queue: asyncio.Queue | None = None,
+        output_kind: str = "cumulative",
     ) -> RequestStream:
         """Queue a request and wait for the engine to accept it; raises ValueError (bad request),
-        QueueFullError or EngineDeadError. The caller must `abort()` it if it stops listening."""
+        QueueFullError or EngineDeadError. The caller must `abort()` it if it stops listening.
+        output_kind as `LLMEngine.add_request` ("final": only the finished output arrives)."""
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, params.n, loop, out_queue)
         if not self.accepting:
@@ -214,7 +217,16 @@ class AsyncLLMEngine:
                 "the engine is shutting down" if self.is_running else "the engine is not running"
             )
         self._commands.put(
-            _Add(stream, loop, prompt, list(prompt_token_ids), params, priority, time.monotonic())
+            _Add(
+                stream,
+                loop,
+                prompt,
+                list(prompt_token_ids),
+                params,
+                priority,
+                time.monotonic(),
+                output_kind,
+            )
         )
         try:
             await stream.accepted()
@@ -316,6 +328,7 @@ class AsyncLLMEngine:
                 cmd.params,
                 arrival_time=cmd.arrival_time,
                 priority=cmd.priority,
+                output_kind=cmd.output_kind,
             )
         except Exception as err:  # ValueError / QueueFullError / EngineDeadError go to the caller
             _post(cmd.loop, stream._resolve, err)

@@ -110,7 +110,7 @@ def add_routes(
         )
         rid = f"cmpl-{uuid.uuid4().hex}"
         run = RequestRun(engine, rid, len(prompts), metrics)
-        await run.submit(prompts, params, body.priority, "prompt")
+        await run.submit(prompts, params, body.priority, "prompt", stream=bool(body.stream))
         n = params.n
         echo_text = [
             (t if t is not None else tokenizer.decode(ids)) if body.echo else ""
@@ -234,7 +234,7 @@ def add_routes(
         )
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         run = RequestRun(engine, rid, 1, metrics)
-        await run.submit([(None, ids)], params, body.priority, "messages")
+        await run.submit([(None, ids)], params, body.priority, "messages", stream=bool(body.stream))
 
         def logprobs_of(o: CompletionOutput, t0: int, t1: int) -> dict | None:
             if k is None:

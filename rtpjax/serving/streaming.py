@@ -43,9 +43,16 @@ class RequestRun:
         params: SamplingParams,
         priority: int,
         prompt_field: str,
+        *,
+        stream: bool = True,
     ) -> None:
+        """Queue every prompt. Without `stream` only finished outputs come back (the engine then
+        builds no per-step output for these requests)."""
+        kind = "cumulative" if stream else "final"
         adds = [
-            self.engine.add_request(sub, text, ids, params, priority=priority, out_queue=self.queue)
+            self.engine.add_request(
+                sub, text, ids, params, priority=priority, out_queue=self.queue, output_kind=kind
+            )
             for sub, (text, ids) in zip(self.ids, prompts)
         ]
         try:

@@ -31,6 +31,7 @@ class FakeEngine:
         self.running: list[str] = []
         self.reqs: dict[str, tuple[SamplingParams, list[int], RequestMetrics]] = {}
         self.fail_next_step = False
+        self.kinds: dict[str, str] = {}  # request id → output_kind ("final": finished only)
         self.runner = SimpleNamespace(num_compiled_variants=0)
         self.stats = SimpleNamespace(steps=0, prefill_tokens=0, decode_tokens=0)
 
@@ -78,8 +79,10 @@ class FakeEngine:
         arrival_time=None,
         priority=0,
         cache_salt=None,
+        output_kind="cumulative",
     ) -> None:
         self._touch()
+        self.kinds[request_id] = output_kind
         self.reqs[request_id] = (params, [], RequestMetrics(arrival_time=time.monotonic()))
         self.waiting.append(request_id)
 
@@ -109,6 +112,8 @@ class FakeEngine:
             if done:
                 self.running.remove(rid)
                 del self.reqs[rid]
+            elif self.kinds.get(rid) == "final":
+                continue
             outs.append(
                 RequestOutput(
                     rid,
@@ -168,6 +173,20 @@ def test_outputs_arrive_and_every_call_is_on_the_engine_thread(engine, fake):
         assert [len(o.outputs[0].token_ids) for o in outs] == list(range(1, n + 1))
     assert fake.threads == {engine._thread.ident}
     assert threading.get_ident() not in fake.threads
+
+
+def test_final_output_kind_reaches_the_engine(engine, fake):
+    """Non-streaming requests ask for "final": one output, the finished one."""
+
+    async def main():
+        s = await engine.add_request(
+            "f", None, [1], SamplingParams(max_tokens=4), output_kind="final"
+        )
+        return await _collect(s)
+
+    outs = _run(main())
+    assert fake.kinds["f"] == "final"
+    assert len(outs) == 1 and outs[0].finished and outs[0].outputs[0].text == "aaaa"
 
 
 def test_idle_engine_blocks_instead_of_stepping(engine, fake):
