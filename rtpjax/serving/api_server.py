@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -100,6 +101,10 @@ def run_server(args: ServerArgs) -> int:
     from rtpjax.engine.llm import LLM
 
     _configure_logging(args.log_level)
+    if args.compilation_cache_dir and jax.default_backend() != "cpu":
+        cache = os.path.expanduser(args.compilation_cache_dir)
+        jax.config.update("jax_compilation_cache_dir", cache)
+        print(f"compilation cache: {cache}", file=sys.stderr, flush=True)
     try:
         llm = LLM(
             args.model,

@@ -119,6 +119,12 @@ def test_yaml_bad_values(tmp_path, text, match):
         parse_args(["--config", str(cfg)])
 
 
+def test_compilation_cache_dir_flag():
+    assert ServerArgs().compilation_cache_dir == "~/.cache/rtpjax/xla"
+    assert parse_args(["--compilation-cache-dir", ""]).compilation_cache_dir == ""
+    assert parse_args(["--compilation-cache-dir", "/c"]).compilation_cache_dir == "/c"
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.yaml: config file not found"):
         parse_args(["--config", str(tmp_path / "nope.yaml")])
