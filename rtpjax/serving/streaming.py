@@ -18,7 +18,7 @@ from rtpjax.engine.async_engine import (
     QueueFullError,
     RequestStream,
 )
-from rtpjax.engine.outputs import RequestOutput
+from rtpjax.engine.outputs import CompletionOutput, RequestOutput
 from rtpjax.sampling_params import SamplingParams
 from rtpjax.serving import protocol as P
 from rtpjax.serving.metrics import ServerMetrics
@@ -36,6 +36,11 @@ class RequestRun:
         self.ids = [f"{rid}-{i}" for i in range(num_prompts)]
         self.index = {sub: i for i, sub in enumerate(self.ids)}
         self.unfinished: set[str] = set()
+        self.params: SamplingParams | None = None
+        self.kind = "final"
+        # Streaming: the engine sends deltas (it then copies nothing per step) and they are joined
+        # here into the cumulative outputs the handlers read: (request id, index) → text, ids, lps.
+        self._joined: dict[tuple[str, int], list] = {}
 
     async def submit(
         self,
@@ -46,9 +51,10 @@ class RequestRun:
         *,
         stream: bool = True,
     ) -> None:
-        """Queue every prompt. Without `stream` only finished outputs come back (the engine then
-        builds no per-step output for these requests)."""
-        kind = "cumulative" if stream else "final"
+        """Queue every prompt. Streaming requests get the engine's deltas, joined again in
+        `outputs`; without `stream` only finished outputs come back."""
+        kind = self.kind = "delta" if stream else "final"
+        self.params = params
         adds = [
             self.engine.add_request(
                 sub, text, ids, params, priority=priority, out_queue=self.queue, output_kind=kind
@@ -75,7 +81,50 @@ class RequestRun:
                 raise item
             if item.finished:
                 self.unfinished.discard(item.request_id)
-            yield item
+            yield self._join(item) if self.kind == "delta" else item
+
+    def _join(self, out: RequestOutput) -> RequestOutput:
+        """Cumulative text, ids and logprobs so far from the engine's delta output `out`.
+
+        A delta may carry the first characters of a stop string that a later token completes;
+        the engine's own cumulative text is cut there, so the joined text is cut the same way
+        (at the stop string's first occurrence, which is where the engine found it)."""
+        outputs = []
+        for o in out.outputs:
+            acc = self._joined.setdefault((out.request_id, o.index), ["", [], None])
+            acc[0] += o.text
+            acc[1].extend(o.token_ids)
+            if o.logprobs is not None:
+                if acc[2] is None:
+                    acc[2] = []
+                acc[2].extend(o.logprobs)
+            text = acc[0]
+            if o.finish_reason == "stop" and isinstance(o.stop_reason, str):
+                cut = text.find(o.stop_reason)
+                if cut >= 0:
+                    keep = self.params is not None and self.params.include_stop_str_in_output
+                    text = acc[0] = text[: cut + (len(o.stop_reason) if keep else 0)]
+            outputs.append(
+                CompletionOutput(
+                    o.index,
+                    text,
+                    acc[1],
+                    o.cumulative_logprob,
+                    acc[2],
+                    o.finish_reason,
+                    o.stop_reason,
+                )
+            )
+        return RequestOutput(
+            out.request_id,
+            out.prompt,
+            out.prompt_token_ids,
+            out.prompt_logprobs,
+            outputs,
+            out.finished,
+            out.metrics,
+            out.error,
+        )
 
     async def finals(self) -> dict[int, RequestOutput]:
         return {self.index[o.request_id]: o async for o in self.outputs() if o.finished}

@@ -6,10 +6,11 @@ import pathlib
 
 import pytest
 
-from rtpjax.engine.outputs import CompletionOutput
+from rtpjax.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from rtpjax.sampling_params import SamplingParams
 from rtpjax.serving import ServerArgs, parse_args
 from rtpjax.serving import protocol as P
+from rtpjax.serving.streaming import RequestRun
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -262,3 +263,31 @@ def test_deltas_with_logprobs_send_tokens_even_without_text():
     assert t.delta(_out("", 1)) == ("", 0, 1)  # e.g. half of a UTF-8 character
     t2 = P.DeltaTracker(SamplingParams())
     assert t2.delta(_out("", 1)) is None
+
+
+def _delta(rid, text, ids, finish=None, stop=None, lps=None):
+    o = CompletionOutput(0, text, ids, None, lps, finish, stop)
+    return RequestOutput(rid, None, [1], None, [o], finish is not None, RequestMetrics(0.0))
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_streamed_deltas_join_into_the_engines_cumulative_output(include):
+    """A streaming request gets the engine's deltas; RequestRun joins them back. A stop string
+    whose first characters went out in an earlier delta is cut from the joined text as the
+    engine cuts its cumulative text (before the stop string, or after it when it is kept)."""
+    run = RequestRun(None, "r", 1, None)
+    run.kind = "delta"
+    run.params = SamplingParams(stop=["END"], include_stop_str_in_output=include)
+    lp = [{5: -0.1}, {6: -0.2}, {7: -0.3}, {8: -0.4}]
+    steps = [
+        _delta("r-0", "Hello ", [5], lps=lp[:1]),
+        _delta("r-0", "wor", [6], lps=lp[1:2]),
+        _delta("r-0", "ld E", [7], lps=lp[2:3]),  # "E" may start the stop string
+        _delta("r-0", "ND!", [8], finish="stop", stop="END", lps=lp[3:]),
+    ]
+    joined = [run._join(d).outputs[0] for d in steps]
+    assert [o.text for o in joined[:3]] == ["Hello ", "Hello wor", "Hello world E"]
+    last = joined[-1]
+    assert last.text == ("Hello world END" if include else "Hello world ")
+    assert last.token_ids == [5, 6, 7, 8] and last.logprobs == lp
+    assert last.finish_reason == "stop" and last.stop_reason == "END"
