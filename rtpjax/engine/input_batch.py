@@ -49,11 +49,15 @@ class InputBatch:
         self.floats = np.zeros((len(_FLOAT_FIELDS), 0), np.float32)  # f32[6, C]
         self.top_k = np.zeros(0, np.int32)  # i32[C]
         self.seed = np.zeros(0, np.uint32)  # u32[C]
+        # Prompt length of each slot's sequence (written with its page row at each admission).
+        self.prompt_len = np.zeros(0, np.int32)  # i32[C]
         # Per-slot booleans, columns SAMPLES .. LOGPROBS: not greedy, top-k/top-p, penalties,
         # min_tokens/logit_bias, logprobs; and how many live slots have each (a step asks the
         # rows only when some but not all live sequences do).
         self.flags = np.zeros((0, 5), np.bool_)  # bool[C, 5]
         self._flag_counts = [0] * 5
+        # Live sequences asking for prompt logprobs: a step scans its chunks for them only if any.
+        self.num_prompt_logprobs = 0
         self._grow(capacity)
 
     def _grow(self, capacity: int) -> None:
@@ -65,6 +69,7 @@ class InputBatch:
         self.floats = floats
         self.top_k = np.resize(self.top_k, capacity)
         self.seed = np.resize(self.seed, capacity)
+        self.prompt_len = np.resize(self.prompt_len, capacity)
         self.flags = np.resize(self.flags, (capacity, 5))
         self.flags[old:] = False
         self._params.extend([None] * (capacity - old))
@@ -100,10 +105,12 @@ class InputBatch:
         )
         for j in np.flatnonzero(self.flags[s]):
             self._flag_counts[j] += 1
+        self.num_prompt_logprobs += params.prompt_logprobs is not None
 
     def remove(self, seq_id: int) -> None:
         s = self._slot.pop(seq_id, None)
         if s is not None:
+            self.num_prompt_logprobs -= self._params[s].prompt_logprobs is not None
             self._params[s] = None
             for j in np.flatnonzero(self.flags[s]):
                 self._flag_counts[j] -= 1
@@ -115,7 +122,7 @@ class InputBatch:
     # -- per step ---------------------------------------------------------------------------------
 
     def slots(self, seqs: list[Sequence]) -> np.ndarray:
-        """i32[n] slots of `seqs`, their page-table rows brought up to date."""
+        """i32[n] slots of `seqs`, their page-table rows (and prompt_len) brought up to date."""
         slot_of, pt_len, pt_adm = self._slot, self._pt_len, self._pt_adm
         out = []
         for seq in seqs:
@@ -132,6 +139,7 @@ class InputBatch:
         if seq.num_admissions != self._pt_adm[s] or n < have:
             self.page_table[s, :n] = pages  # a new admission (after preemption): rewrite the row
             self._pt_adm[s] = seq.num_admissions
+            self.prompt_len[s] = seq.num_prompt_tokens
         else:
             self.page_table[s, have:n] = pages[have:]  # only the pages added since
         self._pt_len[s] = n

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from typing import Any, NamedTuple
 
 import jax
@@ -32,6 +33,9 @@ from rtpjax.layers.paged_attention import PagedAttention, PagedMeta
 from rtpjax.models import llama
 from rtpjax.sampling_params import MAX_LOGPROBS, SamplingParams
 from rtpjax.sharding import rules
+
+# Fields of a ScheduledChunk, read over a whole step's chunks at C speed (map + np.fromiter).
+_SEQ, _START, _NUM_TOKENS, _SAMPLES, _FROM_DEVICE = (operator.itemgetter(i) for i in range(5))
 
 
 def _pow2(n: int, minimum: int) -> int:
@@ -71,6 +75,11 @@ class PreparedStep:
     static: StepStatic
     chunks: list[ScheduledChunk]  # row b ↔ chunks[b]
     needs_sync: bool  # the next step needs this step's tokens on the host (penalties)
+    # Built once by prepare for fetch: which rows sample (None: all n rows do), the seq ids of
+    # those rows in row order, and the rows computing prompt positions of prompt-logprobs requests.
+    samples: np.ndarray | None = None  # bool[n]
+    sampled_ids: list[int] = dataclasses.field(default_factory=list)
+    prompt_rows: list[int] = dataclasses.field(default_factory=list)
 
 
 class StepResult(NamedTuple):
@@ -203,7 +212,6 @@ class ModelRunner:
 
     def prepare(self, sched: SchedulerOutput) -> PreparedStep:
         chunks = sched.chunks
-        seqs = [c.seq for c in chunks]
         n = len(chunks)
         total = sched.num_batched_tokens
         if self.small_decode and total == n and n < self.token_buckets[0]:
@@ -215,13 +223,28 @@ class ModelRunner:
             # where padded logits rows are expensive.
             B = min(_pow2(n, 8), self.max_rows) if self.tight_rows else min(T, self.max_rows)
         ps = self.page_size
+        seqs = list(map(_SEQ, chunks))
+        seq_ids = [s.seq_id for s in seqs]
         slots = self.batch.slots(seqs)
+        iota = np.arange(max(T, B) + 1, dtype=np.int32)  # i32[max(T, B) + 1]
 
-        q_lens = np.fromiter((c.num_tokens for c in chunks), np.int32, n)
-        starts = np.fromiter((c.start for c in chunks), np.int32, n)
-        samples = np.fromiter((c.samples for c in chunks), np.bool_, n)
-        cu = np.zeros(B + 1, np.int32)
-        np.cumsum(q_lens, out=cu[1 : n + 1])
+        starts = np.fromiter(map(_START, chunks), np.int32, n)
+        from_device = np.fromiter(map(_FROM_DEVICE, chunks), np.bool_, n)
+        all_device = bool(from_device.all())
+        # Every chunk has at least one token: total == n is a decode-only step (one token a row).
+        decode = total == n
+        if decode:
+            q_lens = iota[1 : n + 1] - iota[:n]  # i32[n] ones
+        else:
+            q_lens = np.fromiter(map(_NUM_TOKENS, chunks), np.int32, n)
+        # A from_device chunk always samples: the all-device step needs no per-chunk look.
+        samples = None if all_device else np.fromiter(map(_SAMPLES, chunks), np.bool_, n)
+        cu = np.empty(B + 1, np.int32)
+        if decode:
+            cu[: n + 1] = iota[: n + 1]
+        else:
+            cu[0] = 0
+            np.cumsum(q_lens, out=cu[1 : n + 1])
         cu[n + 1 :] = cu[n]
         kv_lens = np.zeros(B, np.int32)
         kv_lens[:n] = starts + q_lens
@@ -229,32 +252,44 @@ class ModelRunner:
         page_indices[:n] = self.batch.page_table[slots]
 
         # Positions and slots of every token, vectorised over the flattened step.
-        row_of_token = np.repeat(np.arange(n, dtype=np.int32), q_lens)  # [total]
         positions = np.zeros(T, np.int32)
-        pos = positions[:total]
-        pos[:] = np.arange(total, dtype=np.int32) - np.repeat(cu[:n] - starts, q_lens)
         slot_mapping = np.zeros(T, np.int32)  # padding tokens write into the null page 0
+        if decode:
+            positions[:n] = starts
+            row_of_token = iota[:n]
+        else:
+            row_of_token = np.repeat(iota[:n], q_lens)  # [total]
+            positions[:total] = iota[:total] - np.repeat(cu[:n] - starts, q_lens)
+        pos = positions[:total]
         slot_mapping[:total] = page_indices[row_of_token, pos // ps] * ps + pos % ps
 
         tokens = np.zeros(T, np.int32)
         token_src = np.full(T, -1, np.int32)
         prev_rows = self._prev_rows
-        for b, c in enumerate(chunks):
-            lo = cu[b]
-            if c.from_device:
-                token_src[lo] = prev_rows[c.seq.seq_id]
-            elif c.num_tokens == 1:
-                tokens[lo] = c.seq.all_token_ids[c.start]
-            else:
-                ids = c.seq.all_token_ids
-                tokens[lo : lo + c.num_tokens] = ids[c.start : c.start + c.num_tokens]
+        if all_device:
+            # Decode-only, every input token still on the device: one row each, read in order.
+            token_src[:n] = np.fromiter(map(prev_rows.__getitem__, seq_ids), np.int32, n)
+        else:
+            for b, c in enumerate(chunks):
+                lo = cu[b]
+                if c.from_device:
+                    token_src[lo] = prev_rows[seq_ids[b]]
+                elif c.num_tokens == 1:
+                    tokens[lo] = c.seq.all_token_ids[c.start]
+                else:
+                    ids = c.seq.all_token_ids
+                    tokens[lo : lo + c.num_tokens] = ids[c.start : c.start + c.num_tokens]
         logits_idx = np.zeros(B, np.int32)
         logits_idx[:n] = cu[1 : n + 1] - 1
 
-        # Tokens each row generated before this sample (a pending one included).
-        generated = (
-            np.fromiter((s.num_output_tokens + s.num_pending for s in seqs), np.int32, n) - samples
-        )
+        # Tokens each row generated before this sample (a pending one included). A sampling
+        # chunk's sample lands at position start + num_tokens, right after the row's prompt and
+        # its earlier outputs (known or pending); a row that does not sample has none pending.
+        generated = kv_lens[:n] - self.batch.prompt_len[slots]
+        if samples is not None and not samples.all():
+            for b in np.flatnonzero(~samples).tolist():
+                s = seqs[b]
+                generated[b] = s.num_output_tokens + s.num_pending
         sampling = self.batch.sampling(slots, seqs, generated, B)
         wants = self.batch.any_flag(slots)  # (sampling, top-k/p, penalties, special, logprobs)
         flags = sampler_lib.SamplerFlags(
@@ -271,15 +306,15 @@ class ModelRunner:
             output_tokens = sampler_lib.pack_token_ids(out, B)
 
         next_tokens = np.zeros(T, np.int32)
-        want_prompt_lp = False
-        for b, c in enumerate(chunks):
-            p = c.seq.params
-            if p.prompt_logprobs is not None and c.start < c.seq.num_prompt_tokens:
-                want_prompt_lp = True
-                prompt = c.seq.prompt_token_ids
-                nxt = prompt[c.start + 1 : min(c.start + c.num_tokens + 1, len(prompt))]
-                next_tokens[cu[b] : cu[b] + len(nxt)] = nxt
-        max_q_len = 1 if total == n else None
+        prompt_rows = []  # rows whose chunk computes prompt positions of a prompt-logprobs request
+        if self.batch.num_prompt_logprobs:
+            for b, c in enumerate(chunks):
+                if c.seq.params.prompt_logprobs is not None and c.start < c.seq.num_prompt_tokens:
+                    prompt_rows.append(b)
+                    prompt = c.seq.prompt_token_ids
+                    nxt = prompt[c.start + 1 : min(c.start + c.num_tokens + 1, len(prompt))]
+                    next_tokens[cu[b] : cu[b] + len(nxt)] = nxt
+        max_q_len = 1 if decode else None
         inputs = StepInputs(
             tokens,
             token_src,
@@ -296,8 +331,20 @@ class ModelRunner:
             output_tokens,
         )
         fresh = self.cudnn_prefill and max_q_len is None and not starts.any()
-        static = StepStatic(flags, max_q_len, want_prompt_lp, fresh)
-        return PreparedStep(inputs, static, list(chunks), needs_sync=flags.use_penalties)
+        static = StepStatic(flags, max_q_len, bool(prompt_rows), fresh)
+        if samples is None:
+            sampled_ids = seq_ids
+        else:
+            sampled_ids = [seq_ids[b] for b in np.flatnonzero(samples).tolist()]
+        return PreparedStep(
+            inputs,
+            static,
+            list(chunks),
+            needs_sync=flags.use_penalties,
+            samples=samples,
+            sampled_ids=sampled_ids,
+            prompt_rows=prompt_rows,
+        )
 
     def execute(self, step: PreparedStep) -> InflightStep:
         """Launch the step (asynchronously). Its small inputs travel as one buffer, its outputs
@@ -358,22 +405,24 @@ class ModelRunner:
         """Block until the step is done and return its samples (rows that sample only)."""
         out, prompt_lp = packing.unpack_host(np.asarray(inflight.outputs), inflight.out_layout)
         ids, lp, top_ids, top_lp = out
-        chunks = inflight.prepared.chunks
-        rows = [b for b, c in enumerate(chunks) if c.samples]
+        step = inflight.prepared
+        n = len(step.chunks)
+        # Rows that sample: the first n (every row of the step samples) or those of the mask.
+        rows = slice(0, n) if step.samples is None else step.samples
         result_prompt: dict[int, tuple] = {}
         if prompt_lp is not None:
             _, p_lp, p_tid, p_tlp = prompt_lp
-            cu = inflight.prepared.inputs.cu_q_lens
-            for b, c in enumerate(chunks):
-                if c.seq.params.prompt_logprobs is not None and c.start < c.seq.num_prompt_tokens:
-                    lo, hi = int(cu[b]), int(cu[b + 1])
-                    result_prompt[c.seq.seq_id] = (c.start, p_lp[lo:hi], p_tid[lo:hi], p_tlp[lo:hi])
+            cu = step.inputs.cu_q_lens
+            for b in step.prompt_rows:
+                c = step.chunks[b]
+                lo, hi = int(cu[b]), int(cu[b + 1])
+                result_prompt[c.seq.seq_id] = (c.start, p_lp[lo:hi], p_tid[lo:hi], p_tlp[lo:hi])
         return StepResult(
-            [chunks[b].seq.seq_id for b in rows],
-            ids[rows],
-            lp[rows],
-            top_ids[rows],
-            top_lp[rows],
+            step.sampled_ids,
+            ids[:n][rows],
+            lp[:n][rows],
+            top_ids[:n][rows],
+            top_lp[:n][rows],
             result_prompt,
         )
 
