@@ -499,17 +499,14 @@ class EngineStats:
 
     def record_step(self, sched: SchedulerOutput, t: StepTiming) -> None:
         self.steps += 1
-        decode_only = True
-        for c in sched.chunks:
-            prompt_part = max(0, min(c.start + c.num_tokens, c.seq.num_prompt_tokens) - c.start)
-            self.prefill_tokens += prompt_part
-            self.decode_tokens += c.num_tokens - prompt_part
-            decode_only &= c.num_tokens == 1
+        n, total = len(sched.chunks), sched.num_batched_tokens
+        self.prefill_tokens += sched.num_prompt_tokens
+        self.decode_tokens += total - sched.num_prompt_tokens
         if len(self.step_log) < 200_000:
             self.step_log.append(
                 (
-                    len(sched.chunks),
-                    decode_only and bool(sched.chunks),
+                    n,
+                    0 < n == total,  # decode-only: every chunk has at least one token
                     t.schedule_s,
                     t.prepare_s + t.launch_s,
                     t.wait_s,

@@ -86,6 +86,7 @@ class SchedulerOutput(NamedTuple):
     chunks: list[ScheduledChunk]
     preempted: list[Sequence]
     num_batched_tokens: int
+    num_prompt_tokens: int  # of num_batched_tokens, those at prompt positions (the rest decode)
 
 
 class UpdateOutput(NamedTuple):
@@ -118,6 +119,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         # Live sequences, plus finished ones whose sampled tokens are still on the device.
         self._seqs: dict[int, Sequence] = {}
+        self._prompt_tokens = 0  # prompt positions scheduled so far by the running schedule()
 
     # -- queues -----------------------------------------------------------------------------------
 
@@ -204,6 +206,7 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
+        self._prompt_tokens = 0
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -261,7 +264,9 @@ class Scheduler:
             chunks.append(self._advance(seq, n, from_device=False))
             budget -= n
 
-        return SchedulerOutput(chunks, preempted, cfg.max_num_batched_tokens - budget)
+        return SchedulerOutput(
+            chunks, preempted, cfg.max_num_batched_tokens - budget, self._prompt_tokens
+        )
 
     def _cap(self, remaining: int, budget: int) -> int:
         n = min(remaining, budget)
@@ -291,8 +296,12 @@ class Scheduler:
         seq.num_computed_tokens += n
         if samples:
             seq.num_pending += 1
-        # A from_device chunk computes only the unknown token, which fills no page of known tokens.
+        # A from_device chunk computes only the unknown token, which fills no page of known tokens
+        # and lies past the prompt.
         if not from_device:
+            prompt = seq.num_prompt_tokens
+            if start < prompt:
+                self._prompt_tokens += min(start + n, prompt) - start
             self._cache_full_pages(seq)
         return _new_chunk((seq, start, n, samples, from_device))
 
