@@ -51,6 +51,11 @@ class InputBatch:
         self.seed = np.zeros(0, np.uint32)  # u32[C]
         # Prompt length of each slot's sequence (written with its page row at each admission).
         self.prompt_len = np.zeros(0, np.int32)  # i32[C]
+        # Row of each slot in the sampled ids of the last step prepared (written by the runner's
+        # prepare for the rows that sample; how many it wrote in num_prev_rows): where the next
+        # step's from_device chunks read their input token once that step has run.
+        self.prev_row = np.zeros(0, np.int32)  # i32[C]
+        self.num_prev_rows = 0
         # Per-slot booleans, columns SAMPLES .. LOGPROBS: not greedy, top-k/top-p, penalties,
         # min_tokens/logit_bias, logprobs; and how many live slots have each (a step asks the
         # rows only when some but not all live sequences do).
@@ -70,6 +75,7 @@ class InputBatch:
         self.top_k = np.resize(self.top_k, capacity)
         self.seed = np.resize(self.seed, capacity)
         self.prompt_len = np.resize(self.prompt_len, capacity)
+        self.prev_row = np.resize(self.prev_row, capacity)
         self.flags = np.resize(self.flags, (capacity, 5))
         self.flags[old:] = False
         self._params.extend([None] * (capacity - old))

@@ -223,14 +223,14 @@ class ModelRunner:
             # where padded logits rows are expensive.
             B = min(_pow2(n, 8), self.max_rows) if self.tight_rows else min(T, self.max_rows)
         ps = self.page_size
+        batch = self.batch
         seqs = list(map(_SEQ, chunks))
         seq_ids = [s.seq_id for s in seqs]
-        slots = self.batch.slots(seqs)
+        slots = batch.slots(seqs)
         iota = np.arange(max(T, B) + 1, dtype=np.int32)  # i32[max(T, B) + 1]
 
         starts = np.fromiter(map(_START, chunks), np.int32, n)
-        from_device = np.fromiter(map(_FROM_DEVICE, chunks), np.bool_, n)
-        all_device = bool(from_device.all())
+        all_device = all(map(_FROM_DEVICE, chunks))
         # Every chunk has at least one token: total == n is a decode-only step (one token a row).
         decode = total == n
         if decode:
@@ -249,7 +249,7 @@ class ModelRunner:
         kv_lens = np.zeros(B, np.int32)
         kv_lens[:n] = starts + q_lens
         page_indices = np.zeros((B, self.pages_per_seq), np.int32)
-        page_indices[:n] = self.batch.page_table[slots]
+        page_indices[:n] = batch.page_table[slots]
 
         # Positions and slots of every token, vectorised over the flattened step.
         positions = np.zeros(T, np.int32)
@@ -267,8 +267,13 @@ class ModelRunner:
         token_src = np.full(T, -1, np.int32)
         prev_rows = self._prev_rows
         if all_device:
-            # Decode-only, every input token still on the device: one row each, read in order.
-            token_src[:n] = np.fromiter(map(prev_rows.__getitem__, seq_ids), np.int32, n)
+            # Decode-only, every input token still on the device. Each row's sampled id sits where
+            # the last step prepared put it (batch.prev_row); execute's seq_id → row map says the
+            # same once that step launched (it holds as many rows), and is read if it does not.
+            if len(prev_rows) == batch.num_prev_rows:
+                np.take(batch.prev_row, slots, out=token_src[:n])
+            else:
+                token_src[:n] = np.fromiter(map(prev_rows.__getitem__, seq_ids), np.int32, n)
         else:
             for b, c in enumerate(chunks):
                 lo = cu[b]
@@ -285,13 +290,13 @@ class ModelRunner:
         # Tokens each row generated before this sample (a pending one included). A sampling
         # chunk's sample lands at position start + num_tokens, right after the row's prompt and
         # its earlier outputs (known or pending); a row that does not sample has none pending.
-        generated = kv_lens[:n] - self.batch.prompt_len[slots]
+        generated = kv_lens[:n] - batch.prompt_len[slots]
         if samples is not None and not samples.all():
             for b in np.flatnonzero(~samples).tolist():
                 s = seqs[b]
                 generated[b] = s.num_output_tokens + s.num_pending
-        sampling = self.batch.sampling(slots, seqs, generated, B)
-        wants = self.batch.any_flag(slots)  # (sampling, top-k/p, penalties, special, logprobs)
+        sampling = batch.sampling(slots, seqs, generated, B)
+        wants = batch.any_flag(slots)  # (sampling, top-k/p, penalties, special, logprobs)
         flags = sampler_lib.SamplerFlags(
             all_greedy=not wants[0],
             use_top_k_top_p=bool(wants[1]),
@@ -307,7 +312,7 @@ class ModelRunner:
 
         next_tokens = np.zeros(T, np.int32)
         prompt_rows = []  # rows whose chunk computes prompt positions of a prompt-logprobs request
-        if self.batch.num_prompt_logprobs:
+        if batch.num_prompt_logprobs:
             for b, c in enumerate(chunks):
                 if c.seq.params.prompt_logprobs is not None and c.start < c.seq.num_prompt_tokens:
                     prompt_rows.append(b)
@@ -334,8 +339,12 @@ class ModelRunner:
         static = StepStatic(flags, max_q_len, bool(prompt_rows), fresh)
         if samples is None:
             sampled_ids = seq_ids
+            batch.prev_row[slots] = iota[:n]
         else:
-            sampled_ids = [seq_ids[b] for b in np.flatnonzero(samples).tolist()]
+            sampled_rows = np.flatnonzero(samples)
+            sampled_ids = [seq_ids[b] for b in sampled_rows.tolist()]
+            batch.prev_row[slots[sampled_rows]] = sampled_rows
+        batch.num_prev_rows = len(sampled_ids)
         return PreparedStep(
             inputs,
             static,
