@@ -57,7 +57,7 @@ from rtpjax.sharding.mesh import make_mesh
 from rtpjax.tokenizer import Tokenizer
 
 # The InputBatch methods ModelRunner.prepare calls (timed together as the `batch` part of prepare).
-BATCH_METHODS = ("slots", "sampling", "any_flag")
+BATCH_METHODS = ("slots_of", "sampling", "any_flag")
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TOKENIZER_DIR = os.path.join(ROOT, "tests", "fixtures", "tokenizer", "smollm2")
 

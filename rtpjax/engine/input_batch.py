@@ -139,6 +139,19 @@ class InputBatch:
                 self._write_row(s, seq)
         return np.array(out, np.int32)
 
+    def slots_of(self, seq_ids: list[int], paged: list[Sequence]) -> np.ndarray:
+        """i32[n] slots of `seq_ids`, with the page-table rows of `paged` brought up to date.
+
+        `paged` must hold every sequence among seq_ids whose page_ids changed since its row was
+        last written (SchedulerOutput.paged does): the rows of the others are not looked at.
+        """
+        slot_of, pt_len, pt_adm = self._slot, self._pt_len, self._pt_adm
+        for seq in paged:
+            s = slot_of[seq.seq_id]
+            if len(seq.page_ids) != pt_len[s] or seq.num_admissions != pt_adm[s]:
+                self._write_row(s, seq)
+        return np.array([slot_of[i] for i in seq_ids], np.int32)
+
     def _write_row(self, s: int, seq: Sequence) -> None:
         pages = seq.page_ids
         n, have = len(pages), self._pt_len[s]

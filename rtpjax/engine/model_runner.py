@@ -226,7 +226,7 @@ class ModelRunner:
         batch = self.batch
         seqs = list(map(_SEQ, chunks))
         seq_ids = [s.seq_id for s in seqs]
-        slots = batch.slots(seqs)
+        slots = batch.slots_of(seq_ids, sched.paged)
         iota = np.arange(max(T, B) + 1, dtype=np.int32)  # i32[max(T, B) + 1]
 
         starts = np.fromiter(map(_START, chunks), np.int32, n)

@@ -87,6 +87,9 @@ class SchedulerOutput(NamedTuple):
     preempted: list[Sequence]
     num_batched_tokens: int
     num_prompt_tokens: int  # of num_batched_tokens, those at prompt positions (the rest decode)
+    # Scheduled sequences whose page_ids changed in this schedule() (pages added, or admitted):
+    # every other scheduled sequence holds the pages it held when last scheduled.
+    paged: list[Sequence]
 
 
 class UpdateOutput(NamedTuple):
@@ -206,6 +209,7 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
+        paged: list[Sequence] = []
         self._prompt_tokens = 0
 
         i = 0
@@ -230,6 +234,7 @@ class Scheduler:
                 if seq.status is not SequenceStatus.RUNNING:
                     break
                 seq.page_ids += bm.allocate(need)
+                paged.append(seq)
             chunks.append(self._advance(seq, n, from_device))
             budget -= n
             i += 1
@@ -253,6 +258,7 @@ class Scheduler:
             self.waiting.pop(0)
             bm.acquire(cached)
             seq.page_ids = cached + bm.allocate(need)
+            paged.append(seq)
             seq.num_computed_tokens = start
             seq.num_registered_pages = len(cached)
             if seq.num_admissions == 0:
@@ -265,7 +271,7 @@ class Scheduler:
             budget -= n
 
         return SchedulerOutput(
-            chunks, preempted, cfg.max_num_batched_tokens - budget, self._prompt_tokens
+            chunks, preempted, cfg.max_num_batched_tokens - budget, self._prompt_tokens, paged
         )
 
     def _cap(self, remaining: int, budget: int) -> int:

@@ -37,6 +37,7 @@ def test_gathered_rows_match_each_sequence_through_churn():
     P = 12
     batch = InputBatch(P, EOS, capacity=2)  # small: slots grow while sequences are live
     live: dict[int, tuple[Sequence, SamplingParams]] = {}
+    dirty: set[int] = set()  # sequences whose pages changed since their row was last written
     next_page = 1
     for step in range(300):
         if len(live) < 2 or rng.random() < 0.3:
@@ -54,11 +55,18 @@ def test_gathered_rows_match_each_sequence_through_churn():
                 q.num_admissions += 1
                 q.page_ids = list(range(next_page, next_page + rng.randrange(1, 4)))
                 next_page += 4
+                dirty.add(q.seq_id)
             elif r < 0.4 and len(q.page_ids) < P:  # a page boundary crossed
                 q.page_ids += [next_page]
                 next_page += 1
+                dirty.add(q.seq_id)
         step_seqs = rng.sample([q for q, _ in live.values()], rng.randrange(1, len(live) + 1))
-        slots = batch.slots(step_seqs)
+        if step % 2:  # told which rows changed (as the scheduler tells), or finding out itself
+            paged = [q for q in step_seqs if q.seq_id in dirty]
+            slots = batch.slots_of([q.seq_id for q in step_seqs], paged)
+        else:
+            slots = batch.slots(step_seqs)
+        dirty -= {q.seq_id for q in step_seqs}
         for q, s in zip(step_seqs, slots):
             row = batch.page_table[s]
             assert list(row[: len(q.page_ids)]) == q.page_ids, step
