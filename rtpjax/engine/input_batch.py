@@ -25,6 +25,10 @@ _FLOAT_FIELDS = (
 # What a padding row (and a greedy row's temperature / top_p / min_p) holds: sampling no-ops.
 _NOOP = {"temperature": 0.0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
 _NOOP_FLOATS = np.array([_NOOP.get(f, 0.0) for f in _FLOAT_FIELDS], np.float32)  # f32[6]
+# Rows of InputBatch.table: the six float fields, then top_k and seed (all 4 bytes wide, kept as
+# raw u32 bits so one gather serves them all); a padding row's column: no-ops, top_k 0, seed 0.
+_TOP_K, _SEED = len(_FLOAT_FIELDS), len(_FLOAT_FIELDS) + 1
+_NOOP_COLUMN = np.concatenate([_NOOP_FLOATS.view(np.uint32), np.zeros(2, np.uint32)])  # u32[8]
 # Columns of InputBatch.flags.
 SAMPLES, TOP_K_P, PENALTIES, SPECIAL, LOGPROBS = range(5)
 _MIN_WIDTH = 4  # suppress / logit_bias widths: powers of two from 4, so few shapes compile
@@ -45,10 +49,10 @@ class InputBatch:
         self._pt_adm: list[int] = []  # the admission those pages belong to
         self.capacity = 0
         self.page_table = np.zeros((0, pages_per_seq), np.int32)  # i32[C, P]
-        # One row per field of _FLOAT_FIELDS: a step gathers all six with one fancy-index.
-        self.floats = np.zeros((len(_FLOAT_FIELDS), 0), np.float32)  # f32[6, C]
-        self.top_k = np.zeros(0, np.int32)  # i32[C]
-        self.seed = np.zeros(0, np.uint32)  # u32[C]
+        # One row per sampling field (_FLOAT_FIELDS, top_k, seed): a step gathers all eight with
+        # one take. floats / top_k / seed are typed views of its rows.
+        self.table = np.zeros((_SEED + 1, 0), np.uint32)  # u32[8, C]
+        self._views()
         # Prompt length of each slot's sequence (written with its page row at each admission).
         self.prompt_len = np.zeros(0, np.int32)  # i32[C]
         # Row of each slot in the sampled ids of the last step prepared (written by the runner's
@@ -63,17 +67,17 @@ class InputBatch:
         self._flag_counts = [0] * 5
         # Live sequences asking for prompt logprobs: a step scans its chunks for them only if any.
         self.num_prompt_logprobs = 0
+        self._empty_special: dict[int, tuple[np.ndarray, ...]] = {}  # rows → _no_special arrays
         self._grow(capacity)
 
     def _grow(self, capacity: int) -> None:
         old = self.capacity
         self.page_table = np.resize(self.page_table, (capacity, self.pages_per_seq))
         self.page_table[old:] = 0
-        floats = np.zeros((len(_FLOAT_FIELDS), capacity), np.float32)
-        floats[:, :old] = self.floats
-        self.floats = floats
-        self.top_k = np.resize(self.top_k, capacity)
-        self.seed = np.resize(self.seed, capacity)
+        table = np.zeros((_SEED + 1, capacity), np.uint32)
+        table[:, :old] = self.table
+        self.table = table
+        self._views()
         self.prompt_len = np.resize(self.prompt_len, capacity)
         self.prev_row = np.resize(self.prev_row, capacity)
         self.flags = np.resize(self.flags, (capacity, 5))
@@ -83,6 +87,11 @@ class InputBatch:
         self._pt_adm.extend([-1] * (capacity - old))
         self._free.extend(range(capacity - 1, old - 1, -1))
         self.capacity = capacity
+
+    def _views(self) -> None:
+        self.floats = self.table[:_TOP_K].view(np.float32)  # f32[6, C]
+        self.top_k = self.table[_TOP_K].view(np.int32)  # i32[C]
+        self.seed = self.table[_SEED]  # u32[C]
 
     # -- membership -------------------------------------------------------------------------------
 
@@ -168,24 +177,47 @@ class InputBatch:
     ) -> SamplingTensors:
         """SamplingTensors of numpy arrays for the step's rows (padding rows greedy no-ops)."""
         n = len(slots)
-        floats = np.empty((len(_FLOAT_FIELDS), rows), np.float32)  # f32[6, B]
-        floats[:, :n] = self.floats[:, slots]
-        floats[:, n:] = _NOOP_FLOATS[:, None]
-        top_k = np.zeros(rows, np.int32)
-        top_k[:n] = self.top_k[slots]
-        seed = np.zeros(rows, np.uint32)
-        seed[:n] = self.seed[slots]
-        suppress_rows, bias_rows = [], []
+        table = np.empty((_SEED + 1, rows), np.uint32)  # u32[8, B]
+        np.take(self.table, slots, axis=1, out=table[:, :n])
+        table[:, n:] = _NOOP_COLUMN[:, None]
         if self._flag_counts[SPECIAL] and self.flags[slots, SPECIAL].any():
-            for i, s in enumerate(slots):
-                p = self._params[s]
-                if not self.flags[s, SPECIAL]:
-                    continue
-                if int(steps[i]) < p.min_tokens:
-                    ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids))
-                    suppress_rows.append((i, sorted(ids)))
-                if p.logit_bias:
-                    bias_rows.append((i, sorted(p.logit_bias.items())))
+            suppress, bias_ids, bias_values = self._special(slots, steps, rows)
+        else:
+            suppress, bias_ids, bias_values = self._no_special(rows)
+        step = np.zeros(rows, np.int32)
+        step[:n] = steps
+        temperature, top_p, min_p, repetition, presence, frequency = table[:_TOP_K].view(
+            np.float32
+        )  # f32[B] each
+        return SamplingTensors(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=table[_TOP_K].view(np.int32),
+            min_p=min_p,
+            repetition_penalty=repetition,
+            presence_penalty=presence,
+            frequency_penalty=frequency,
+            seed=table[_SEED],
+            step=step,
+            suppress=suppress,
+            bias_ids=bias_ids,
+            bias_values=bias_values,
+        )
+
+    def _special(
+        self, slots: np.ndarray, steps: np.ndarray, rows: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(suppress i32[B, E], bias_ids i32[B, M], bias_values f32[B, M]) of the step's rows."""
+        suppress_rows, bias_rows = [], []
+        for i, s in enumerate(slots):
+            p = self._params[s]
+            if not self.flags[s, SPECIAL]:
+                continue
+            if int(steps[i]) < p.min_tokens:
+                ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids))
+                suppress_rows.append((i, sorted(ids)))
+            if p.logit_bias:
+                bias_rows.append((i, sorted(p.logit_bias.items())))
         E = _pow2(max((len(r) for _, r in suppress_rows), default=0), _MIN_WIDTH)
         M = _pow2(max((len(r) for _, r in bias_rows), default=0), _MIN_WIDTH)
         suppress = np.full((rows, E), -1, np.int32)
@@ -196,23 +228,22 @@ class InputBatch:
         for i, items in bias_rows:
             bias_ids[i, : len(items)] = [k for k, _ in items]
             bias_values[i, : len(items)] = [v for _, v in items]
-        step = np.zeros(rows, np.int32)
-        step[:n] = steps
-        temperature, top_p, min_p, repetition, presence, frequency = floats  # f32[B] each
-        return SamplingTensors(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition,
-            presence_penalty=presence,
-            frequency_penalty=frequency,
-            seed=seed,
-            step=step,
-            suppress=suppress,
-            bias_ids=bias_ids,
-            bias_values=bias_values,
-        )
+        return suppress, bias_ids, bias_values
+
+    def _no_special(self, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """_special's arrays when no row suppresses or biases: the same every step of `rows` rows,
+        so built once (read-only)."""
+        arrays = self._empty_special.get(rows)
+        if arrays is None:
+            arrays = (
+                np.full((rows, _MIN_WIDTH), -1, np.int32),
+                np.full((rows, _MIN_WIDTH), -1, np.int32),
+                np.zeros((rows, _MIN_WIDTH), np.float32),
+            )
+            for a in arrays:
+                a.flags.writeable = False
+            self._empty_special[rows] = arrays
+        return arrays
 
     def any_flag(self, slots: np.ndarray) -> np.ndarray:
         """bool[5]: does any row want (sampling, top-k/p, penalties, special, logprobs)."""
