@@ -172,9 +172,7 @@ class InputBatch:
             self.page_table[s, have:n] = pages[have:]  # only the pages added since
         self._pt_len[s] = n
 
-    def sampling(
-        self, slots: np.ndarray, seqs: list[Sequence], steps: np.ndarray, rows: int
-    ) -> SamplingTensors:
+    def sampling(self, slots: np.ndarray, steps: np.ndarray, rows: int) -> SamplingTensors:
         """SamplingTensors of numpy arrays for the step's rows (padding rows greedy no-ops)."""
         n = len(slots)
         table = np.empty((_SEED + 1, rows), np.uint32)  # u32[8, B]

@@ -35,7 +35,7 @@ from rtpjax.sampling_params import MAX_LOGPROBS, SamplingParams
 from rtpjax.sharding import rules
 
 # Fields of a ScheduledChunk, read over a whole step's chunks at C speed (map + np.fromiter).
-_SEQ, _START, _NUM_TOKENS, _SAMPLES, _FROM_DEVICE = (operator.itemgetter(i) for i in range(5))
+_START, _NUM_TOKENS, _SAMPLES = (operator.itemgetter(i) for i in range(1, 4))
 
 
 def _pow2(n: int, minimum: int) -> int:
@@ -224,13 +224,12 @@ class ModelRunner:
             B = min(_pow2(n, 8), self.max_rows) if self.tight_rows else min(T, self.max_rows)
         ps = self.page_size
         batch = self.batch
-        seqs = list(map(_SEQ, chunks))
-        seq_ids = [s.seq_id for s in seqs]
+        seq_ids = [c[0].seq_id for c in chunks]  # c.seq.seq_id
         slots = batch.slots_of(seq_ids, sched.paged)
         iota = np.arange(max(T, B) + 1, dtype=np.int32)  # i32[max(T, B) + 1]
 
         starts = np.fromiter(map(_START, chunks), np.int32, n)
-        all_device = all(map(_FROM_DEVICE, chunks))
+        all_device = sched.num_host_chunks == 0
         # Every chunk has at least one token: total == n is a decode-only step (one token a row).
         decode = total == n
         if decode:
@@ -293,9 +292,9 @@ class ModelRunner:
         generated = kv_lens[:n] - batch.prompt_len[slots]
         if samples is not None and not samples.all():
             for b in np.flatnonzero(~samples).tolist():
-                s = seqs[b]
+                s = chunks[b].seq
                 generated[b] = s.num_output_tokens + s.num_pending
-        sampling = batch.sampling(slots, seqs, generated, B)
+        sampling = batch.sampling(slots, generated, B)
         wants = batch.any_flag(slots)  # (sampling, top-k/p, penalties, special, logprobs)
         flags = sampler_lib.SamplerFlags(
             all_greedy=not wants[0],
@@ -305,6 +304,7 @@ class ModelRunner:
         )
         penalty_tokens = output_tokens = None
         if flags.use_penalties:
+            seqs = [c.seq for c in chunks]
             pen = [s.all_token_ids if s.params.uses_penalties() else () for s in seqs]
             out = [s.output_token_ids if s.params.uses_penalties() else () for s in seqs]
             penalty_tokens = sampler_lib.pack_token_ids(pen, B)

@@ -87,6 +87,7 @@ class SchedulerOutput(NamedTuple):
     preempted: list[Sequence]
     num_batched_tokens: int
     num_prompt_tokens: int  # of num_batched_tokens, those at prompt positions (the rest decode)
+    num_host_chunks: int  # chunks whose input tokens are known on the host (not from_device)
     # Scheduled sequences whose page_ids changed in this schedule() (pages added, or admitted):
     # every other scheduled sequence holds the pages it held when last scheduled.
     paged: list[Sequence]
@@ -122,7 +123,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         # Live sequences, plus finished ones whose sampled tokens are still on the device.
         self._seqs: dict[int, Sequence] = {}
-        self._prompt_tokens = 0  # prompt positions scheduled so far by the running schedule()
+        # Counted by the running schedule() over its chunks that are not from_device (the few in
+        # a decode step): prompt positions scheduled, and such chunks.
+        self._prompt_tokens = 0
+        self._host_chunks = 0
 
     # -- queues -----------------------------------------------------------------------------------
 
@@ -210,7 +214,7 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
         paged: list[Sequence] = []
-        self._prompt_tokens = 0
+        self._prompt_tokens = self._host_chunks = 0
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -271,7 +275,12 @@ class Scheduler:
             budget -= n
 
         return SchedulerOutput(
-            chunks, preempted, cfg.max_num_batched_tokens - budget, self._prompt_tokens, paged
+            chunks,
+            preempted,
+            cfg.max_num_batched_tokens - budget,
+            self._prompt_tokens,
+            self._host_chunks,
+            paged,
         )
 
     def _cap(self, remaining: int, budget: int) -> int:
@@ -305,6 +314,7 @@ class Scheduler:
         # A from_device chunk computes only the unknown token, which fills no page of known tokens
         # and lies past the prompt.
         if not from_device:
+            self._host_chunks += 1
             prompt = seq.num_prompt_tokens
             if start < prompt:
                 self._prompt_tokens += min(start + n, prompt) - start

@@ -72,7 +72,7 @@ def test_gathered_rows_match_each_sequence_through_churn():
             assert list(row[: len(q.page_ids)]) == q.page_ids, step
         rows = len(step_seqs) + 3
         steps = np.zeros(len(step_seqs), np.int32)
-        t = batch.sampling(slots, step_seqs, steps, rows)
+        t = batch.sampling(slots, steps, rows)
         params = [live[q.seq_id][1] for q in step_seqs]
         for i, p in enumerate(params):
             greedy = p.is_greedy()
