@@ -160,7 +160,10 @@ def block(
     if stream:
         attn_out = _stream(o.reshape(T, -1), layer.w_o.reshape(D, -1))
     else:
-        attn_out = jnp.einsum("TKGH,DKGH->TD", o, layer.w_o)
+        # One contracting dim. Contracting (K, G, H) directly made XLA transpose w_o and o into
+        # another layout on every step (two extra kernels per layer and w_o read and written once
+        # more: measured in the compiled GPU decode step, docs/benchmarks.md).
+        attn_out = jnp.einsum("TE,DE->TD", o.reshape(T, -1), layer.w_o.reshape(D, -1))
     if adapters is not None and "o_proj" in adapters.targets(index):
         w_o = layer.w_o
         attn_out = adapters.apply(
