@@ -14,15 +14,16 @@ StepTiming.prepare_s (ModelRunner.prepare: the step's input arrays), `batch`, th
 spent in its InputBatch (slots and page-table rows, sampling rows, flags; timed around those
 methods), `output`, the RequestOutputs step() builds after post (timed here around
 LLMEngine._output; no StepTiming phase holds it), `record` (EngineStats.record_step, likewise
-outside every phase) and `step`, the wall time of the whole engine.step() call.
+outside every phase), `fetch` (StepTiming.wait_s: ModelRunner.fetch, which under --no-device
+only unpacks a ready buffer) and `step`, the wall time of the whole engine.step() call.
 
 The device step is kept out of the figures. Unless --overlap, each step is waited for right after
 its launch, so the XLA threads computing it do not compete with the host phases for this
 machine's cores; its caches are still cold after each step (the logits alone are 0.5 MB at the
 tiny preset's 512 ids; --vocab 0 takes the tokenizer's 49152, 50 MB). --no-device replaces the
-runner's execute / fetch with stubs returning ids of the whole tokenizer vocabulary in Zipf
-proportions: the host work of a GPU machine, where the device is elsewhere (prepare, numpy only,
-stays the runner's own).
+runner's execute with a stub whose packed outputs hold ids of the whole tokenizer vocabulary in
+Zipf proportions: the host work of a GPU machine, where the device is elsewhere (prepare and
+fetch, numpy only, stay the runner's own).
 
 A second pass of the same length runs under cProfile, switched on in step() except inside the
 runner's prepare / execute / fetch, and prints the top functions by own time.
@@ -40,7 +41,6 @@ import pstats
 import subprocess
 import sys
 import time
-import types
 
 import numpy as np
 
@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from rtpjax.engine.engine import EngineConfig, LLMEngine
-from rtpjax.engine.model_runner import StepResult
+from rtpjax.engine.model_runner import InflightStep, output_layout
 from rtpjax.models.presets import preset, random_params
 from rtpjax.sampling_params import SamplingParams
 from rtpjax.sharding.mesh import make_mesh
@@ -106,33 +106,35 @@ class Settled:
 
 
 class NoDevice:
-    """Stands in for the runner's execute / fetch: nothing runs on the device (so the XLA step
-    neither takes time nor evicts the host's caches between the host phases, as on a GPU
-    machine), and every sampling row gets an id of the tokenizer's vocabulary drawn with Zipf's
-    law (probability ~ 1 / rank over a shuffled vocabulary), roughly as text uses its tokens."""
+    """Stands in for the runner's execute: nothing runs on the device (so the XLA step neither
+    takes time nor evicts the host's caches between the host phases, as on a GPU machine). Its
+    packed output buffer (zeros but the sampled ids) goes to the runner's own fetch; every row
+    gets an id of the tokenizer's vocabulary drawn with Zipf's law (probability ~ 1 / rank over a
+    shuffled vocabulary), roughly as text uses its tokens, drawn ahead of time."""
 
     def __init__(self, runner, vocab_size: int, seed: int) -> None:
         self.runner = runner
-        self.rng = np.random.default_rng(seed)
-        self.ids = self.rng.permutation(np.arange(100, vocab_size - 100, dtype=np.int32))
-        weights = 1.0 / np.arange(1, len(self.ids) + 1)
-        self.cdf = np.cumsum(weights / weights.sum())
+        rng = np.random.default_rng(seed)
+        ids = rng.permutation(np.arange(100, vocab_size - 100, dtype=np.int32))
+        weights = 1.0 / np.arange(1, len(ids) + 1)
+        cdf = np.cumsum(weights / weights.sum())
+        ranks = np.minimum(np.searchsorted(cdf, rng.random(1 << 20)), len(ids) - 1)
+        self.draws = ids[ranks]  # i32[2**20]
+        self.next = 0
 
     def execute(self, prepared):
         # As ModelRunner.execute: the next step's from_device chunks read the rows sampled here.
         chunks = prepared.chunks
         self.runner._prev_rows = {c.seq.seq_id: b for b, c in enumerate(chunks) if c.samples}
-        return types.SimpleNamespace(prepared=prepared)
-
-    def fetch(self, inflight) -> StepResult:
-        seq_ids = [c.seq.seq_id for c in inflight.prepared.chunks if c.samples]
-        n = len(seq_ids)
-        ranks = np.minimum(np.searchsorted(self.cdf, self.rng.random(n)), len(self.ids) - 1)
-        tokens = self.ids[ranks]  # i32[R]
-        empty = np.zeros((n, 0), np.float32)
-        return StepResult(
-            seq_ids, tokens, np.zeros(n, np.float32), empty.astype(np.int32), empty, {}
-        )
+        x = prepared.inputs
+        layout = output_layout(x.kv_lens.shape[0], x.tokens.shape[0], prepared.static)
+        buf = np.zeros(layout.size, np.int32)  # the token ids are the layout's first leaf
+        rows = layout.leaves[0][0][0]
+        if self.next + rows > len(self.draws):
+            self.next = 0
+        buf[:rows] = self.draws[self.next : self.next + rows]
+        self.next += rows
+        return InflightStep(prepared, buf, layout)
 
 
 def build_engine(args) -> LLMEngine:
@@ -161,7 +163,7 @@ def build_engine(args) -> LLMEngine:
     engine = LLMEngine(cfg, params, tokenizer, mesh, config, num_pages=num_pages)
     if args.no_device:
         fake = NoDevice(engine.runner, tokenizer.vocab_size, args.seed)
-        engine.runner.execute, engine.runner.fetch = fake.execute, fake.fetch
+        engine.runner.execute = fake.execute
     elif not args.overlap:
         engine.runner.execute = Settled(engine.runner.execute)
     return engine
@@ -237,6 +239,7 @@ def run_pass(engine: LLMEngine, args, profile: cProfile.Profile | None, tag: str
         engine.step()
     sched = np.array([r[2] for r in rows]) * 1e3
     post = np.array([r[5] for r in rows]) * 1e3
+    fetch = np.array([r[4] for r in rows]) * 1e3
     prep = np.array([r[6] for r in rows]) * 1e3
     batch = np.array(batch_s or [0.0]) * 1e3
     out = np.array(out_s or [0.0]) * 1e3
@@ -253,6 +256,7 @@ def run_pass(engine: LLMEngine, args, profile: cProfile.Profile | None, tag: str
         "batch_ms": pct(batch),
         "output_ms": pct(out),
         "record_ms": pct(record),
+        "fetch_ms": pct(fetch),
         "step_ms": pct(whole),
     }
 
@@ -281,8 +285,8 @@ def main() -> None:
     ap.add_argument(
         "--no-device",
         action="store_true",
-        help="no model: the runner's execute and fetch are stubs returning random ids of the "
-        "tokenizer (prepare is its own)",
+        help="no model: the runner's execute is a stub whose outputs are random ids of the "
+        "tokenizer (prepare and fetch are its own)",
     )
     ap.add_argument(
         "--overlap",
@@ -305,7 +309,7 @@ def main() -> None:
     timing = run_pass(engine, args, None, "timed")
     print(f"steady decode, batch {args.batch}, {args.steps} steps, host ms per step (CPU)")
     print(f"{'phase':<10}{'p50':>9}{'p90':>9}{'p99':>9}")
-    for name in ("schedule", "post", "prepare", "batch", "output", "record", "step"):
+    for name in ("schedule", "post", "prepare", "batch", "output", "record", "fetch", "step"):
         row = timing[f"{name}_ms"]
         print(f"{name:<10}{row['p50']:>9.3f}{row['p90']:>9.3f}{row['p99']:>9.3f}")
 
