@@ -159,7 +159,7 @@ class InputBatch:
             s = slot_of[seq.seq_id]
             if len(seq.page_ids) != pt_len[s] or seq.num_admissions != pt_adm[s]:
                 self._write_row(s, seq)
-        return np.array([slot_of[i] for i in seq_ids], np.int32)
+        return np.fromiter(map(slot_of.__getitem__, seq_ids), np.int32, len(seq_ids))
 
     def _write_row(self, s: int, seq: Sequence) -> None:
         pages = seq.page_ids

@@ -12,6 +12,7 @@ can prepare and launch step N+1 before step N's tokens are back.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import operator
@@ -217,7 +218,7 @@ class ModelRunner:
         if self.small_decode and total == n and n < self.token_buckets[0]:
             T = B = _pow2(n, 1)
         else:
-            T = next(b for b in self.token_buckets if b >= total)
+            T = self.token_buckets[bisect.bisect_left(self.token_buckets, total)]
             # Row buckets: on accelerators tied to the token bucket (one compile per token bucket;
             # the padded rows' logits cost ~1% of a large prefill); on CPU as tight as possible,
             # where padded logits rows are expensive.
