@@ -234,7 +234,7 @@ class ModelRunner:
         # Every chunk has at least one token: total == n is a decode-only step (one token a row).
         decode = total == n
         if decode:
-            q_lens = iota[1 : n + 1] - iota[:n]  # i32[n] ones
+            q_lens = np.ones(n, np.int32)
         else:
             q_lens = np.fromiter(map(_NUM_TOKENS, chunks), np.int32, n)
         # A from_device chunk always samples: the all-device step needs no per-chunk look.
