@@ -139,7 +139,7 @@ def launch_breakdown(llm: LLM, batch: int, context: int, repeats: int = 20) -> d
     into a command buffer)."""
     prepared = _full_decode_step(llm, batch, context, "launch")
     runner = llm.engine.runner
-    x, st = prepared.inputs, prepared.static
+    x = prepared.inputs
     jax.block_until_ready(runner.kv)
 
     def ms(f) -> float:
@@ -156,19 +156,11 @@ def launch_breakdown(llm: LLM, batch: int, context: int, repeats: int = 20) -> d
     buf, layout = packing.pack(x)
     pack_put_ms = ms(lambda: jax.device_put(packing.pack(x)[0]))
     buf_dev = jax.block_until_ready(jax.device_put(buf))
-    attention = runner._attention(prepared)  # the same static settings execute() uses
 
-    def call_dev():
+    def call_dev():  # execute()'s call, with the inputs already on the device
         with jax.set_mesh(runner.mesh):
-            runner.kv, out, runner.prev_sampled = runner._step(
-                runner.params,
-                runner.kv,
-                buf_dev,
-                runner.prev_sampled,
-                layout=layout,
-                static=st,
-                attention=attention,
-            )
+            step = runner.call(runner._step, buf_dev, layout, prepared)
+            runner.kv, out, runner.prev_sampled = step
         return out
 
     call_ms = ms(call_dev)

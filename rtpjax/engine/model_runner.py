@@ -359,7 +359,6 @@ class ModelRunner:
     def execute(self, step: PreparedStep) -> InflightStep:
         """Launch the step (asynchronously). Its small inputs travel as one buffer, its outputs
         come back as one (packing.py)."""
-        attention = self._attention(step)
         buf, layout = packing.pack(step.inputs)
         key = (layout, step.static)
         out_layout = self._out_layouts.get(key)
@@ -375,15 +374,7 @@ class ModelRunner:
                     replicated = NamedSharding(self.mesh, PartitionSpec())
                     resident = jax.device_put(np.zeros(buf.shape, buf.dtype), replicated)
                 buf = self._staging[buf.size] = self._stage(resident, buf)
-            self.kv, outputs, self.prev_sampled = self._step(
-                self.params,
-                self.kv,
-                buf,
-                self.prev_sampled,
-                layout=layout,
-                static=step.static,
-                attention=attention,
-            )
+            self.kv, outputs, self.prev_sampled = self.call(self._step, buf, layout, step)
         outputs.copy_to_host_async()
         self._prev_rows = {c.seq.seq_id: b for b, c in enumerate(step.chunks) if c.samples}
         return InflightStep(step, outputs, out_layout)
@@ -397,19 +388,24 @@ class ModelRunner:
             fresh_prefill=step.static.fresh_prefill,
         )
 
+    def call(self, fn: Any, buf: Any, layout: packing.Layout, step: PreparedStep) -> Any:
+        """`fn` (the jitted step, or its `.lower`) on the runner's weights, KV pages and last
+        sampled ids, with `buf` as `step`'s packed inputs (call under the runner's mesh)."""
+        return fn(
+            self.params,
+            self.kv,
+            buf,
+            self.prev_sampled,
+            layout=layout,
+            static=step.static,
+            attention=self._attention(step),
+        )
+
     def lower(self, step: PreparedStep) -> jax.stages.Lowered:
         """The jitted step lowered for `step`'s shapes (to inspect its compiled HLO)."""
         buf, layout = packing.pack(step.inputs)
         with jax.set_mesh(self.mesh):
-            return self._step.lower(
-                self.params,
-                self.kv,
-                buf,
-                self.prev_sampled,
-                layout=layout,
-                static=step.static,
-                attention=self._attention(step),
-            )
+            return self.call(self._step.lower, buf, layout, step)
 
     def fetch(self, inflight: InflightStep) -> StepResult:
         """Block until the step is done and return its samples (rows that sample only)."""
