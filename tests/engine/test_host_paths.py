@@ -12,7 +12,6 @@ import itertools
 import random
 import types
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,11 +20,9 @@ from rtpjax.engine.engine import EngineConfig, LLMEngine
 from rtpjax.engine.model_runner import StepResult
 from rtpjax.engine.scheduler import Scheduler, SchedulerConfig
 from rtpjax.engine.sequence import FinishReason, Sequence
-from rtpjax.models.presets import preset, random_params
 from rtpjax.sampling_params import SamplingParams
 from rtpjax.sharding.mesh import make_mesh
-from rtpjax.tokenizer import IncrementalDetokenizer, Tokenizer
-from tests.conftest import FIXTURES
+from rtpjax.tokenizer import IncrementalDetokenizer
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Stop here, or stop there? café 😀 naïve "
@@ -72,19 +69,8 @@ class ScriptedDevice:
         )
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_pretrained(FIXTURES / "tokenizer" / "smollm2")
-
-
-@pytest.fixture(scope="module")
-def params():
-    cfg = preset("tiny")
-    return cfg, random_params(cfg, jnp.float32, make_mesh(1))
-
-
-def make_engine(tokenizer, params, **overrides) -> tuple[LLMEngine, ScriptedDevice]:
-    cfg, weights = params
+def make_engine(tokenizer, tiny_model, **overrides) -> tuple[LLMEngine, ScriptedDevice]:
+    cfg, weights = tiny_model
     kw = dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256, page_size=8)
     kw.update(overrides)
     engine = LLMEngine(
@@ -128,10 +114,10 @@ def reference_stop(deltas: list[str], stop: tuple[str, ...], include: bool):
     return text, len(deltas), None
 
 
-def test_stop_strings_match_a_search_of_the_whole_text(tokenizer, params):
+def test_stop_strings_match_a_search_of_the_whole_text(tokenizer, tiny_model):
     rng = random.Random(0)
     pool = tokenizer.encode(TEXT, add_special_tokens=False)
-    engine, device = make_engine(tokenizer, params)
+    engine, device = make_engine(tokenizer, tiny_model)
     cases = []
     for i in range(60):
         start = rng.randrange(len(pool) - 40)
@@ -170,7 +156,7 @@ def test_stop_strings_match_a_search_of_the_whole_text(tokenizer, params):
 
 
 @pytest.mark.parametrize("kind", ["cumulative", "delta", "final"])
-def test_a_stop_on_the_last_allowed_token_is_reported_as_stop(tokenizer, params, kind):
+def test_a_stop_on_the_last_allowed_token_is_reported_as_stop(tokenizer, tiny_model, kind):
     """The max_tokens-th token completing a stop string, or being a stop id or EOS, ends the
     completion with finish_reason "stop" (and the string or id as stop_reason), as vLLM reports;
     only running out of tokens is "length"."""
@@ -202,7 +188,7 @@ def test_a_stop_on_the_last_allowed_token_is_reported_as_stop(tokenizer, params,
         "eos": ([*script[:-1], eos], dict(ignore_eos=False), "stop", None, None),
         "len": (script, dict(stop=["never there"]), "length", None, text),
     }
-    engine, device = make_engine(tokenizer, params)
+    engine, device = make_engine(tokenizer, tiny_model)
     for rid, (ids, extra, *_) in cases.items():
         extra = {"ignore_eos": True, **extra}
         p = SamplingParams(temperature=0.0, max_tokens=len(ids), **extra)
@@ -222,13 +208,13 @@ def test_a_stop_on_the_last_allowed_token_is_reported_as_stop(tokenizer, params,
             assert o.text == want_text, rid
 
 
-def test_output_kinds_agree_and_final_builds_one_output(tokenizer, params):
+def test_output_kinds_agree_and_final_builds_one_output(tokenizer, tiny_model):
     pool = tokenizer.encode(TEXT, add_special_tokens=False)
     p = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=["stop there"])
     p2 = SamplingParams(n=2, temperature=0.0, max_tokens=30, ignore_eos=True, stop=["lazy"])
     runs = {}
     for kind in ("cumulative", "delta", "final"):
-        engine, device = make_engine(tokenizer, params)
+        engine, device = make_engine(tokenizer, tiny_model)
         add(engine, device, "a", [pool[:30]], p, output_kind=kind)
         add(engine, device, "b", [pool[10:40]], p, output_kind=kind)
         # Two completions: the first stops early (a stop string), the second runs to the end.
@@ -255,10 +241,10 @@ def test_output_kinds_agree_and_final_builds_one_output(tokenizer, params):
     assert runs["final"]["a"][0].outputs[0].stop_reason == "stop there"  # pool[:30] holds it
 
 
-def test_a_request_retires_when_its_last_completion_finishes(tokenizer, params):
+def test_a_request_retires_when_its_last_completion_finishes(tokenizer, tiny_model):
     eos = sorted(tokenizer.eos_token_ids)[0]
     pool = tokenizer.encode(TEXT, add_special_tokens=False)
-    engine, device = make_engine(tokenizer, params)
+    engine, device = make_engine(tokenizer, tiny_model)
     p = SamplingParams(n=3, temperature=0.0, max_tokens=12)
     scripts = [[*pool[:2], eos], pool[:12], [*pool[:5], eos]]
     add(engine, device, "n3", scripts, p)

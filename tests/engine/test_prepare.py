@@ -14,18 +14,14 @@ import random
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from rtpjax.engine import packing
 from rtpjax.engine.engine import EngineConfig, LLMEngine
 from rtpjax.engine.model_runner import ModelRunner, output_layout
-from rtpjax.models.presets import preset, random_params
 from rtpjax.sampling_params import SamplingParams
 from rtpjax.sharding.mesh import make_mesh
-from rtpjax.tokenizer import Tokenizer
-from tests.conftest import FIXTURES
 
 PARAMS = [
     dict(temperature=0.0),
@@ -169,21 +165,10 @@ class StubDevice:
         return result
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_pretrained(FIXTURES / "tokenizer" / "smollm2")
-
-
-@pytest.fixture(scope="module")
-def weights():
-    cfg = preset("tiny")
-    return cfg, random_params(cfg, jnp.float32, make_mesh(1))
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_prepare_and_fetch_match_per_token_reference(name, tokenizer, weights):
+def test_prepare_and_fetch_match_per_token_reference(name, tokenizer, tiny_model):
     overrides, mix = CONFIGS[name]
-    cfg, params = weights
+    cfg, params = tiny_model
     kw = dict(max_model_len=96, max_num_seqs=8, page_size=8, num_pages=200)
     kw.update(overrides)
     config = EngineConfig(**kw)
