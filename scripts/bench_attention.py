@@ -1,6 +1,7 @@
 """Benchmark ragged paged attention on a GPU: decode bandwidth, prefill TFLOP/s, correctness.
 
     python scripts/bench_attention.py [--out bench_attention.json] [--sweep] [--quick]
+                                      [--packed-only | --prefix-only] [--smoke]
 
 Prints tables and writes JSON:
 - the measured HBM copy bandwidth (read + write) through JAX: the decode ceiling;
@@ -8,6 +9,9 @@ Prints tables and writes JSON:
   second against that ceiling;
 - prefill of 2k/4k/8k tokens (one sequence, no cache) and a 2k chunk over a cached prefix: TFLOP/s
   (causal FLOPs actually needed) against cuDNN flash attention on the same shape;
+- prefill chunks over cached prefixes through cuDNN (kernels/prefix_prefill.py, two cuDNN calls
+  merged by LSE) against the paged kernel and against plain contiguous cuDNN calls doing the same
+  FLOPs (`--prefix-only` runs only this section);
 - the relative error of every timed shape against ref_ragged_paged_attention, plus a correctness
   suite of mixed decode+prefill batches, GQA ratios, head dims, page sizes, f32, soft cap, window;
 - with --sweep, kernel block shapes tried on a few shapes.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -41,6 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from rtpjax.kernels import ragged_paged_attention as rpa
 from rtpjax.kernels import ragged_paged_attention_gpu as gpu
 from rtpjax.kernels.packed_prefill import packed_causal_attention
+from rtpjax.kernels.prefix_prefill import prefix_prefill_attention
 
 T0 = time.time()
 LOG: list[str] = []
@@ -379,6 +385,116 @@ def packed_prefill_section(results) -> None:
         results.setdefault("packed_prefill", []).append(row)
 
 
+PREFIX_CASES = [[(512, 512)], [(1024, 1024)], [(2048, 2048)], [(2048, 6144)], [(1024, 7168)],
+                [(512, 1536)] * 4]  # fmt: skip
+PREFIX_SMOKE = [[(32, 48)], [(16, 40)] * 2]
+
+
+def chunk_kv(pr):
+    """This step's keys and values [T, K, H], read back from where the problem wrote them: the
+    last q_len positions of each sequence (the engine writes them with write_kv before attention;
+    prefix_prefill_attention reads the chunk from k/v and only the prefix from the pages)."""
+    kv, table = pr["kv"], pr["tables"][0]
+    T, ps = pr["q"].shape[0], kv.shape[1]
+    seq, pos, valid = rpa.token_positions(pr["cu"], pr["kv_lens"], pr["ns"], T)
+    slot = table[seq, jnp.clip(pos // ps, 0, table.shape[1] - 1)] * ps + pos % ps
+    rows = kv.reshape(-1, *kv.shape[2:])[jnp.where(valid, slot, 0)]  # [T, 2K, H]
+    rows = jnp.where(valid[:, None, None], rows, jnp.zeros((), rows.dtype))
+    return rows[:, 0::2], rows[:, 1::2]
+
+
+def prefix_prefill_section(results, cases) -> None:
+    """Chunks over cached prefixes: (a) prefix_prefill_attention "cudnn" (b) the paged Pallas kernel
+    on the same step (c) plain cuDNN on contiguous [B, S, K, H] inputs doing the same work (one
+    non-causal chunk x prefix call + one causal chunk x chunk call, unmerged). TFLOP/s by causal
+    FLOPs needed, 4*N*H*sum(keys seen). --smoke: (a) runs the "xla" path and (c) jax's XLA attention
+    on CPU, (b) the kernel in interpret mode; only the plumbing is checked then."""
+    say("prefill over a cached prefix: two cuDNN calls merged by LSE (kernels/prefix_prefill.py)")
+    K, G, H = (2, 2, 64) if INTERPRET else (8, 4, 128)
+    N = K * G
+    ours_impl, base_impl = ("xla", None) if INTERPRET else ("cudnn", "cudnn")
+    iters = 2 if INTERPRET else 10
+    rng = np.random.default_rng(5)
+    for seqs in cases:
+        chunks, prefixes = [c for c, _ in seqs], [p for _, p in seqs]
+        n, chunk, prefix = len(seqs), chunks[0], prefixes[0]
+        pr = make_problem(rng, chunks, [c + p for c, p in seqs], K=K, G=G, H=H)
+        k, v = chunk_kv(pr)
+        # The caller's bucket: the prefix total rounded up to 512 tokens (64 in smoke).
+        bucket = 64 if INTERPRET else 512
+        S = -(-sum(prefixes) // bucket) * bucket
+        kw = dict(sm_scale=H**-0.5)
+        flops = 4 * N * H * sum(c * p + c * (c + 1) / 2 for c, p in seqs)
+        row = dict(seqs=n, chunk=chunk, prefix=prefix, max_prefix_tokens=S, flops=flops)
+        label = f"{n} x ({chunk}, {prefix})"
+
+        def ours(q, k, v, kv, kl, pt, cu, ns, impl=ours_impl, S=S, kw=kw):
+            return prefix_prefill_attention(q, k, v, kv, pt, cu, kl, ns, max_prefix_tokens=S,
+                                            impl=impl, **kw)  # fmt: skip
+
+        @jax.jit
+        def ours_loop(q, k, v, kv, kl, pt, cu, ns):  # chained calls, as timed() does
+            def body(i, q):
+                return q + ours(q, k, v, kv, kl, pt, cu, ns) * jnp.zeros((), q.dtype)
+
+            return lax.fori_loop(0, iters, body, q)
+
+        args = (pr["q"], k, v, pr["kv"], pr["kv_lens"], pr["tables"][0], pr["cu"], pr["ns"])
+        try:
+            out = jax.jit(ours)(*args)
+            ref = reference(pr, **kw)  # largest here: 2048 x 8192 keys, as prefill_section's
+            row["rel_err"], tail_ok = rel_err(out, ref, sum(chunks))
+            if not tail_ok:
+                row["rel_err"] = float("nan")
+            out_x = jax.jit(functools.partial(ours, impl="xla"))(*args)  # T*S*N floats: <= 1.6 GB
+            row["rel_err_vs_xla"] = rel_err(out, out_x, sum(chunks))[0]
+            del out_x, ref
+            t = median_time(ours_loop, *args) / iters
+            row.update(time_us=t * 1e6, tflops=flops / t / 1e12)
+        except Exception as e:
+            row["error"] = repr(e)[:400]
+            say(f"  {label} ERROR {e!r}"[:500])
+            t = float("nan")
+        try:
+            fn = attn_fn("gpu", None, max_q_len=chunk, **kw)
+            tp = timed(pr, fn, iters)
+            row.update(paged_us=tp * 1e6, paged_tflops=flops / tp / 1e12, vs_paged=tp / t)
+        except Exception as e:
+            row["paged_error"] = repr(e)[:300]
+        try:
+            key = jax.random.key(7)
+            shapes = [(n, chunk, N, H), (n, prefix, K, H), (n, prefix, K, H), (n, chunk, K, H)]
+            kq, kk, kv_, kc = (
+                jax.random.normal(jax.random.fold_in(key, i), shape, jnp.bfloat16)
+                for i, shape in enumerate(shapes)
+            )
+
+            @jax.jit
+            def base(q, kp, vp, kc):
+                def body(i, q):
+                    o1 = jax.nn.dot_product_attention(q, kp, vp, implementation=base_impl)
+                    o2 = jax.nn.dot_product_attention(q, kc, kc, is_causal=True,
+                                                      implementation=base_impl)  # fmt: skip
+                    return q + (o1 + o2) * jnp.zeros((), q.dtype)
+
+                return lax.fori_loop(0, iters, body, q)
+
+            tc = median_time(base, kq, kk, kv_, kc) / iters
+            row.update(cudnn_us=tc * 1e6, cudnn_tflops=flops / tc / 1e12, vs_cudnn=tc / t)
+        except Exception as e:
+            row["cudnn_error"] = repr(e)[:300]
+        say(f"  {label:<20} {row.get('time_us', float('nan')):8.0f} us"
+            f" {row.get('tflops', float('nan')):6.1f} TFLOP/s"
+            f"  plain cuDNN {row.get('cudnn_tflops', float('nan')):6.1f}"
+            f" (ratio {row.get('vs_cudnn', float('nan')):.2f})"
+            f"  paged {row.get('paged_tflops', float('nan')):6.1f}"
+            f" (ratio {row.get('vs_paged', float('nan')):.2f})"
+            f"  err={row.get('rel_err', float('nan')):.1e}"
+            f" vs xla {row.get('rel_err_vs_xla', float('nan')):.1e}")  # fmt: skip
+        results.setdefault("prefix_prefill", []).append(row)
+        del pr, k, v
+
+
 def xla_fallback(rng, results, copy_bw) -> None:
     say("xla path on the GPU (fallback), decode B=64 ctx=2048")
     pr = make_problem(rng, [1] * 64, [2048] * 64, sets=2)
@@ -410,6 +526,18 @@ def write_kv_check(results) -> None:
     say(f"  in place: {same}; {t * 1e6:.1f} us per call (256 tokens, includes dispatch)")
 
 
+def print_prefix_table(results) -> None:
+    print("=== prefill over a cached prefix (ours: two cuDNN calls + LSE merge) ===")
+    for r in results.get("prefix_prefill", []):
+        if "time_us" in r:
+            print(f"{r['seqs']} x (chunk {r['chunk']:<5} prefix {r['prefix']:<5})"
+                  f" {r['tflops']:6.1f} TFLOP/s"
+                  f"  plain cuDNN {r.get('cudnn_tflops', float('nan')):6.1f}"
+                  f"  ratio {r.get('vs_cudnn', float('nan')):.2f}"
+                  f"  vs paged {r.get('vs_paged', float('nan')):.2f}"
+                  f"  err {r['rel_err']:.1e}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -419,6 +547,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--skip-suite", action="store_true")
     ap.add_argument("--packed-only", action="store_true", help="only the fresh-prefill section")
+    ap.add_argument(
+        "--prefix-only", action="store_true", help="only the prefill-over-cached-prefix section"
+    )
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script: interpret mode")
     ap.add_argument("--once", default=None, help="B,ctx,q_len: 3 plain calls, for ncu")
@@ -473,6 +604,11 @@ def main() -> None:
         packed_prefill_section(results)
         dump()
         return
+    if args.prefix_only:
+        prefix_prefill_section(results, PREFIX_SMOKE if args.smoke else PREFIX_CASES)
+        dump()
+        print_prefix_table(results)
+        return
     try:
         if not args.skip_suite and not args.smoke:
             correctness_suite(rng, results)
@@ -516,6 +652,9 @@ def main() -> None:
         if not args.smoke:
             packed_prefill_section(results)
             dump()
+        prefix_prefill_section(results, PREFIX_SMOKE if args.smoke else PREFIX_CASES)
+        dump()
+        if not args.smoke:
             xla_fallback(rng, results, copy_bw)
         write_kv_check(results)
     except Exception:
@@ -535,6 +674,7 @@ def main() -> None:
                   f"  cuDNN {r.get('cudnn_tflops', float('nan')):6.1f}"
                   f"  ratio {r.get('vs_cudnn', 0):.2f}"
                   f"  err {r['rel_err']:.1e}")  # fmt: skip
+    print_prefix_table(results)
     bad = [c for c in results["correctness"] if not c["ok"]]
     print(f"correctness suite: {len(results['correctness']) - len(bad)} ok, {len(bad)} failed")
 
