@@ -68,6 +68,7 @@ def build(args) -> LLM:
         tensor_parallel_size=args.tensor_parallel_size,
         enable_prefix_caching=False,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+        num_scheduler_steps=args.num_scheduler_steps,
         progress=False,
     )
 
@@ -104,7 +105,7 @@ def device_step_time(llm: LLM, batch: int, context: int, repeats: int) -> float:
     for _ in range(repeats):
         runner.execute(prepared)
     jax.block_until_ready((runner.kv, runner.prev_sampled))
-    dt = (time.perf_counter() - t0) / repeats
+    dt = (time.perf_counter() - t0) / repeats / prepared.static.num_steps  # per decode iteration
     _drain(llm, batch, "dev")
     return dt
 
@@ -217,14 +218,18 @@ def steady_decode(llm: LLM, batch: int, context: int, steps: int) -> dict:
     prompts = random_prompts(batch, context, vocab, 7)
     for i, p in enumerate(prompts):
         engine.add_request(f"dec{batch}-{i}", None, p["prompt_token_ids"], params_for(steps + 8))
-    times = []
+    times, steps = [], []
     while engine.has_unfinished_requests():
         engine.step()
         log = engine.stats.step_log[-1] if engine.stats.step_log else None
         # Steady decode: every sequence decoding (a few may have finished a step early).
         if log and log[0] >= max(1, int(0.9 * batch)) and log[1]:
             times.append(time.perf_counter())
-    dts = np.diff(times)[2:-2] if len(times) > 8 else np.diff(times)
+            steps.append(log[7])
+    # Per decode step (one token per sequence): a multi-step launch of K counts K. The wall time
+    # between two launches is the previous launch's device time (the pipeline runs one ahead).
+    dts = np.diff(times) / np.asarray(steps[:-1])
+    dts = dts[2:-2] if len(dts) > 8 else dts
     host = engine.stats.host_ms(min_batch=max(1, int(0.9 * batch)))
     ms = float(np.median(dts) * 1e3) if len(dts) else float("nan")
     return {
@@ -307,6 +312,12 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--phases", default="throughput,decode,idle,prefill")
+    ap.add_argument(
+        "--num-scheduler-steps",
+        type=int,
+        default=1,
+        help="multi-step decode: decode iterations per launch (1: off)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     phases = set(args.phases.split(","))
@@ -379,7 +390,9 @@ def main(argv=None) -> int:
                     f"p50 {host['p50']:.3f} ms  p99 {host['p99']:.3f} ms",
                     f"at batch >= {int(0.8 * args.max_num_seqs)} (goal <= 1 ms): schedule "
                     f"{host['schedule_p50']:.2f}, prepare {host['prepare_p50']:.2f}, launch "
-                    f"{host['launch_p50']:.2f}, post {host['post_p50']:.2f} ms",
+                    f"{host['launch_p50']:.2f}, post {host['post_p50']:.2f} ms; "
+                    f"{host['steps_per_launch']:.2f} steps per launch, "
+                    f"{host['per_launch_p50']:.2f} ms per launch",
                 )
             )
 

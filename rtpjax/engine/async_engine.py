@@ -433,9 +433,13 @@ def warm_up(
         runner, cfg = engine.runner, engine.config
         longest = cfg.max_model_len - max_tokens
         rows = [1 << k for k in range(cfg.max_num_seqs.bit_length()) if 1 << k < cfg.max_num_seqs]
+        # Multi-step decode launches (num_scheduler_steps > 1) compile their own variant per row
+        # bucket: decode long enough for one.
+        steps = cfg.num_scheduler_steps
         for k, sp in enumerate((greedy, sampled)):
+            dec = sp if steps == 1 else dataclasses.replace(sp, max_tokens=max_tokens + steps)
             for n in [*rows, cfg.max_num_seqs]:  # decode-only steps of n rows (every row bucket)
-                jobs.append([[([100 + i % 1000], sp) for i in range(n)]])
+                jobs.append([[([100 + i % 1000], dec) for i in range(n)]])
             for t in runner.token_buckets:
                 t = min(t, cfg.max_num_batched_tokens)
                 jobs.append([_prompts(t, t + 20011 * k, longest, vocab, sp)])

@@ -49,13 +49,24 @@ class EngineConfig:
     async_scheduling: bool = True
     attention_impl: str = "auto"
     cudnn_prefill: bool = False  # fresh-prefill steps through cuDNN (GPU; slow to compile)
+    # Multi-step decode (vLLM's num_scheduler_steps): up to this many decode iterations per launch
+    # when every running sequence decodes and none waits (scheduler.py); 1 is off.
+    num_scheduler_steps: int = 1
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size"):
+        for name in (
+            "max_model_len",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "page_size",
+            "num_scheduler_steps",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        if self.num_scheduler_steps > 64:
+            raise ValueError(f"num_scheduler_steps={self.num_scheduler_steps} must be <= 64")
         if self.page_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"page_size={self.page_size} must be one of 8, 16, 32, 64, 128")
         if self.num_pages is not None and (
@@ -285,7 +296,10 @@ class LLMEngine:
             self._process(prev, changed, timing)
             prev = None
         t0 = time.perf_counter()
-        sched = self.scheduler.schedule()
+        k = self.config.num_scheduler_steps
+        if k > 1 and not self.runner.batch.multi_step_ok():
+            k = 1
+        sched = self.scheduler.schedule(k)
         t1 = time.perf_counter()
         timing.schedule_s = t1 - t0
         if sched.chunks:
@@ -312,6 +326,9 @@ class LLMEngine:
         timing.post_s += time.perf_counter() - t1
 
     def _process_result(self, result: StepResult, changed: dict[str, _Request]) -> None:
+        if result.num_tokens is not None:
+            self._process_multi(result, changed)
+            return
         now = time.monotonic()
         for seq_id, (start, lp, top_i, top_lp) in result.prompt_logprobs.items():
             self._add_prompt_logprobs(seq_id, start, lp, top_i, top_lp)
@@ -349,15 +366,72 @@ class LLMEngine:
             if req.finished:
                 self._retire(req)
 
+    def _process_multi(self, result: StepResult, changed: dict[str, _Request]) -> None:
+        """A multi-step decode step's results: up to K tokens per sequence, given to the scheduler
+        one at a time so that a stop (id, max_tokens or stop string) drops the rest."""
+        now = time.monotonic()
+        sched = self.scheduler
+        by_seq = self._by_seq
+        ended: dict[str, _Request] = {}
+        ids = result.token_ids.tolist()  # [R][K]
+        counts = result.num_tokens.tolist()
+        for r, seq_id in enumerate(result.seq_ids):
+            seq = sched.take_tokens(seq_id, counts[r])
+            if seq is None:
+                continue
+            req, state = by_seq[seq_id]
+            m = req.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+                m.num_cached_tokens = max(m.num_cached_tokens, seq.num_cached_tokens)
+            detok, stop = state.detok, req.params.stop
+            for j in range(counts[r]):
+                token = ids[r][j]
+                reason = sched.accept(seq, token)
+                m.token_times.append(now)
+                if state.logprobs is not None:
+                    self._add_logprobs(
+                        req.params.logprobs,
+                        state,
+                        token,
+                        result.logprob[r, j],
+                        result.top_ids[r, j],
+                        result.top_logprobs[r, j],
+                    )
+                if detok is not None:
+                    if reason is FinishReason.STOP:
+                        self._add_stop_token(req.params, state, token)
+                    elif (delta := detok.add(token)) and stop:
+                        self._find_stop_string(req.params, state, delta)
+                if seq.finish_reason is not None:
+                    ended[req.request_id] = req
+                    break
+            sched.cache_new_pages(seq)
+            changed[req.request_id] = req
+        for req in ended.values():
+            if req.finished:
+                self._retire(req)
+
     @staticmethod
     def _append_logprobs(
         req: _Request, state: _SeqState, result: StepResult, i: int, token: int
     ) -> None:
-        k = req.params.logprobs
-        d = {int(t): float(v) for t, v in zip(result.top_ids[i][:k], result.top_logprobs[i][:k])}
-        d[token] = float(result.logprob[i])
+        LLMEngine._add_logprobs(
+            req.params.logprobs,
+            state,
+            token,
+            result.logprob[i],
+            result.top_ids[i],
+            result.top_logprobs[i],
+        )
+
+    @staticmethod
+    def _add_logprobs(k: int, state: _SeqState, token: int, lp, top_ids, top_lps) -> None:
+        """Record one sampled token's logprob and the k most likely (id, logprob) beside it."""
+        d = {int(t): float(v) for t, v in zip(top_ids[:k], top_lps[:k])}
+        d[token] = float(lp)
         state.logprobs.append(d)
-        state.cumulative_logprob += float(result.logprob[i])
+        state.cumulative_logprob += float(lp)
 
     @staticmethod
     def _add_stop_token(p: SamplingParams, state: _SeqState, token: int) -> None:
@@ -494,14 +568,17 @@ class EngineStats:
     prefill_tokens: int = 0  # prompt tokens computed (prefix-cache hits excluded)
     decode_tokens: int = 0
     # Per step (bounded): (num_chunks, decode_only, schedule_s, prepare_s + launch_s, wait_s,
-    # post_s, prepare_s).
+    # post_s, prepare_s, num_steps). A multi-step step's post_s is the previous step's (K tokens).
     step_log: list[tuple] = dataclasses.field(default_factory=list)
 
     def record_step(self, sched: SchedulerOutput, t: StepTiming) -> None:
         self.steps += 1
         n, total = len(sched.chunks), sched.num_batched_tokens
         self.prefill_tokens += sched.num_prompt_tokens
-        self.decode_tokens += total - sched.num_prompt_tokens
+        if sched.num_steps > 1:  # multi-step decode: every row's sampled tokens are decode tokens
+            self.decode_tokens += sched.num_step_tokens
+        else:
+            self.decode_tokens += total - sched.num_prompt_tokens
         if len(self.step_log) < 200_000:
             self.step_log.append(
                 (
@@ -512,26 +589,34 @@ class EngineStats:
                     t.wait_s,
                     t.post_s,
                     t.prepare_s,
+                    sched.num_steps,
                 )
             )
 
     def host_ms(self, min_batch: int = 1, decode_only: bool = True) -> dict[str, float]:
-        """Percentiles of host milliseconds per step (schedule + launch + post), matching steps."""
+        """Percentiles of host milliseconds per decode step (schedule + launch + post), over the
+        matching engine steps. A multi-step launch of K iterations counts as K decode steps, its
+        host time split evenly over them (`per_launch_p50` and `steps_per_launch` say how)."""
         rows = np.asarray(
             [r for r in self.step_log if r[0] >= min_batch and (r[1] or not decode_only)],
             dtype=np.float64,
-        ).reshape(-1, 7)
+        ).reshape(-1, 8)
         if not len(rows):
             return {}
-        host = (rows[:, 2] + rows[:, 3] + rows[:, 5]) * 1e3
+        k = rows[:, 7]
+        launch = (rows[:, 2] + rows[:, 3] + rows[:, 5]) * 1e3
+        host = launch / k
         return {
-            "steps": len(rows),
+            "steps": int(k.sum()),
+            "launches": len(rows),
+            "steps_per_launch": float(k.mean()),
             "p50": float(np.percentile(host, 50)),
             "p90": float(np.percentile(host, 90)),
             "p99": float(np.percentile(host, 99)),
-            "schedule_p50": float(np.median(rows[:, 2]) * 1e3),
-            "prepare_p50": float(np.median(rows[:, 6]) * 1e3),
-            "launch_p50": float(np.median(rows[:, 3] - rows[:, 6]) * 1e3),
-            "post_p50": float(np.median(rows[:, 5]) * 1e3),
-            "wait_p50": float(np.median(rows[:, 4]) * 1e3),
+            "per_launch_p50": float(np.median(launch)),
+            "schedule_p50": float(np.median(rows[:, 2] / k) * 1e3),
+            "prepare_p50": float(np.median(rows[:, 6] / k) * 1e3),
+            "launch_p50": float(np.median((rows[:, 3] - rows[:, 6]) / k) * 1e3),
+            "post_p50": float(np.median(rows[:, 5] / k) * 1e3),
+            "wait_p50": float(np.median(rows[:, 4] / k) * 1e3),
         }

@@ -256,5 +256,12 @@ class InputBatch:
                 wants[j] = count == live or self.flags[slots, j].any()
         return wants
 
+    def multi_step_ok(self) -> bool:
+        """Whether a multi-step decode step may run: no live sequence has penalties (their token
+        counts change every iteration), min_tokens or logit_bias (suppression changes with the
+        step; kept on the single-step path), or prompt logprobs."""
+        counts = self._flag_counts
+        return not (counts[PENALTIES] or counts[SPECIAL] or self.num_prompt_logprobs)
+
     def params(self, slot: int) -> SamplingParams | None:
         return self._params[slot]

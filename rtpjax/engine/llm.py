@@ -47,6 +47,7 @@ class LLM:
         async_scheduling: bool = True,
         attention_impl: str = "auto",
         cudnn_prefill: bool = False,
+        num_scheduler_steps: int = 1,
         progress: bool = True,
     ):
         if not env.jax_started():
@@ -85,6 +86,7 @@ class LLM:
             async_scheduling=async_scheduling,
             attention_impl=attention_impl,
             cudnn_prefill=cudnn_prefill,
+            num_scheduler_steps=num_scheduler_steps,
             seed=seed,
         )
         pages = plan_num_pages(loaded, config)

@@ -8,6 +8,11 @@ pages are donated; sampling runs on device; only sampled ids (and requested logp
 Overlap: a decode chunk whose input token is still on the device (ScheduledChunk.from_device) reads
 it from the previous step's sampled ids, which never leave the device for that purpose, so the host
 can prepare and launch step N+1 before step N's tokens are back.
+
+Multi-step decode (StepStatic.num_steps = K > 1): a decode-only step runs the model K times in one
+launch (a fori_loop on the device), each iteration's sampled ids becoming the next one's input, so
+the host's per-launch work (schedule, prepare, launch, post) is paid once per K tokens. Row b
+samples `row_steps[b]` <= K tokens; its later iterations write their KV into the null page.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from rtpjax.sharding import rules
 
 # Fields of a ScheduledChunk, read over a whole step's chunks at C speed (map + np.fromiter).
 _START, _NUM_TOKENS, _SAMPLES = (operator.itemgetter(i) for i in range(1, 4))
+_STEPS = operator.itemgetter(5)
 
 
 def _pow2(n: int, minimum: int) -> int:
@@ -59,6 +65,7 @@ class StepInputs(NamedTuple):
     sampling: sampler_lib.SamplingTensors  # numpy leaves, [B] rows
     penalty_tokens: np.ndarray | None  # i32[B, M]
     output_tokens: np.ndarray | None  # i32[B, M2]
+    row_steps: np.ndarray | None = None  # i32[B]  multi-step decode: tokens each row samples
 
 
 class StepStatic(NamedTuple):
@@ -68,6 +75,7 @@ class StepStatic(NamedTuple):
     max_q_len: int | None  # 1 for decode-only steps
     prompt_logprobs: bool
     fresh_prefill: bool = False  # no sequence has cached KV: cuDNN attention (packed_prefill.py)
+    num_steps: int = 1  # multi-step decode: model iterations in this launch
 
 
 @dataclasses.dataclass
@@ -92,6 +100,9 @@ class StepResult(NamedTuple):
     top_ids: np.ndarray  # i32[R, k]
     top_logprobs: np.ndarray  # f32[R, k]
     prompt_logprobs: dict[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]]  # seq → (start, ...)
+    # Multi-step decode: tokens each row sampled; the arrays above then have a step axis after R
+    # (token_ids i32[R, K], logprob f32[R, K], top_* [R, K, k]), valid up to num_tokens[r].
+    num_tokens: np.ndarray | None = None  # i32[R]
 
 
 @dataclasses.dataclass
@@ -321,6 +332,21 @@ class ModelRunner:
                     nxt = prompt[c.start + 1 : min(c.start + c.num_tokens + 1, len(prompt))]
                     next_tokens[cu[b] : cu[b] + len(nxt)] = nxt
         max_q_len = 1 if decode else None
+        num_steps = sched.num_steps
+        row_steps = None
+        if num_steps > 1:
+            if (
+                not decode
+                or (samples is not None and not samples.all())
+                or flags.use_penalties
+                or prompt_rows
+            ):
+                raise ValueError(
+                    "a multi-step step must be decode-only with every row sampling, and no "
+                    "penalties or prompt logprobs"
+                )
+            row_steps = np.zeros(B, np.int32)
+            row_steps[:n] = np.fromiter(map(_STEPS, chunks), np.int32, n)
         inputs = StepInputs(
             tokens,
             token_src,
@@ -335,9 +361,10 @@ class ModelRunner:
             sampling,
             penalty_tokens,
             output_tokens,
+            row_steps,
         )
         fresh = self.cudnn_prefill and max_q_len is None and not starts.any()
-        static = StepStatic(flags, max_q_len, bool(prompt_rows), fresh)
+        static = StepStatic(flags, max_q_len, bool(prompt_rows), fresh, num_steps)
         if samples is None:
             sampled_ids = seq_ids
             batch.prev_row[slots] = iota[:n]
@@ -423,6 +450,16 @@ class ModelRunner:
                 c = step.chunks[b]
                 lo, hi = int(cu[b]), int(cu[b + 1])
                 result_prompt[c.seq.seq_id] = (c.start, p_lp[lo:hi], p_tid[lo:hi], p_tlp[lo:hi])
+        if step.static.num_steps > 1:  # [K, B, ...] → the rows' [R, K, ...]
+            return StepResult(
+                step.sampled_ids,
+                ids[:, :n].T,
+                lp[:, :n].T,
+                top_ids[:, :n].swapaxes(0, 1),
+                top_lp[:, :n].swapaxes(0, 1),
+                result_prompt,
+                step.inputs.row_steps[:n],
+            )
         return StepResult(
             step.sampled_ids,
             ids[:n][rows],
@@ -446,9 +483,8 @@ def output_layout(rows: int, tokens: int, static: StepStatic) -> packing.Layout:
     i32, f32 = np.int32, np.float32
     sds = jax.ShapeDtypeStruct
     k = static.flags.num_top_logprobs
-    out = sampler_lib.SamplerOutput(
-        sds((rows,), i32), sds((rows,), f32), sds((rows, k), i32), sds((rows, k), f32)
-    )
+    r = (rows,) if static.num_steps == 1 else (static.num_steps, rows)  # multi-step: [K, B, ...]
+    out = sampler_lib.SamplerOutput(sds(r, i32), sds(r, f32), sds((*r, k), i32), sds((*r, k), f32))
     prompt = None
     if static.prompt_logprobs:
         m = MAX_LOGPROBS
@@ -479,6 +515,8 @@ def _device_step(
 ):
     x: StepInputs = packing.unpack_device(buf, layout)
     tokens = jnp.where(x.token_src >= 0, prev_sampled[jnp.maximum(x.token_src, 0)], x.tokens)
+    if static.num_steps > 1:
+        return _multi_step(params, kv, x, tokens, prev_sampled, cfg, static, attention)
     meta = PagedMeta(x.slot_mapping, x.kv_lens, x.page_indices, x.cu_q_lens, x.num_seqs)
     hidden, kv, _ = llama.forward(params, cfg, tokens, x.positions, kv, meta, attention)
     logits = llama.logits(params, hidden[x.logits_idx])  # f32[B, V]
@@ -499,3 +537,45 @@ def _device_step(
     rows = out.token_ids.shape[0]
     sampled = jnp.zeros_like(prev_sampled).at[:rows].set(out.token_ids)
     return kv, packing.pack_device(outputs), sampled
+
+
+def _multi_step(params, kv, x: StepInputs, tokens, prev_sampled, cfg, static, attention):
+    """K = static.num_steps decode iterations in one launch (see the module docstring). Every row
+    has one token (row b is token b); iteration i computes position start + i of each row that
+    still samples (i < row_steps[b]) and feeds its sampled id to iteration i + 1."""
+    K = static.num_steps
+    T, B = x.tokens.shape[0], x.kv_lens.shape[0]
+    page_size = kv[0].shape[1]
+    flags = static.flags._asdict()
+    row = jnp.minimum(jnp.arange(T), B - 1)  # i32[T]: token t is row t (t < B)
+    is_row = jnp.arange(T) < B  # bool[T]
+    last = jnp.maximum(x.row_steps - 1, 0)  # i32[B]: a row's last iteration that samples
+
+    def body(i, carry):
+        kv, tokens, outs = carry
+        pos = x.positions + i  # i32[T]
+        live = is_row & (i < x.row_steps[row])  # bool[T]
+        page = x.page_indices[row, jnp.minimum(pos // page_size, x.page_indices.shape[1] - 1)]
+        slots = jnp.where(live, page * page_size + pos % page_size, 0)  # dead → the null page
+        kv_lens = x.kv_lens + jnp.minimum(i, last)  # past its steps a row re-reads its last KV
+        meta = PagedMeta(slots, kv_lens, x.page_indices, x.cu_q_lens, x.num_seqs)
+        hidden, kv, _ = llama.forward(params, cfg, tokens, pos, kv, meta, attention)
+        logits = llama.logits(params, hidden[x.logits_idx])  # f32[B, V]
+        sampling = x.sampling.replace(step=x.sampling.step + i)
+        out = sampler_lib.sample(logits, sampling, None, None, **flags)
+        outs = jax.tree.map(lambda acc, o: acc.at[i].set(o), outs, out)
+        tokens = jnp.zeros_like(tokens).at[:B].set(out.token_ids)
+        return kv, tokens, outs
+
+    k = static.flags.num_top_logprobs
+    outs = sampler_lib.SamplerOutput(
+        jnp.zeros((K, B), jnp.int32),
+        jnp.zeros((K, B), jnp.float32),
+        jnp.zeros((K, B, k), jnp.int32),
+        jnp.zeros((K, B, k), jnp.float32),
+    )
+    kv, _, outs = jax.lax.fori_loop(0, K, body, (kv, tokens, outs))
+    # The next step reads each row's newest token: the one of its last iteration that sampled.
+    newest = jnp.take_along_axis(outs.token_ids, last[None], axis=0)[0]  # i32[B]
+    sampled = jnp.zeros_like(prev_sampled).at[:B].set(newest)
+    return kv, packing.pack_device((outs, None)), sampled

@@ -16,6 +16,13 @@ One schedule():
    budget, max_num_seqs and the pages allow; each looks up the prefix cache first.
 3. Every scheduled chunk advances num_computed_tokens; newly full pages whose tokens are all known
    are registered in the prefix cache (pages completed by a device-side token wait for update()).
+
+Multi-step decode (schedule(num_steps=K), vLLM's num_scheduler_steps): when every running sequence
+is decoding (one token left to compute) and no waiting sequence could be admitted (none waits, or
+max_num_seqs run), each chunk gets `num_steps` = min(K, outputs it may still produce): the device
+computes its input token, samples, feeds the sample back as the next input, K times in one launch.
+Pages are allocated for all K positions up front. update_tokens() then takes up to K tokens per
+sequence; the ones after a stop are dropped (their KV was written into pages the sequence frees).
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ class ScheduledChunk(NamedTuple):
     num_tokens: int  # tokens computed this step: positions start .. start+num_tokens-1
     samples: bool  # this chunk's last position produces a sampled token
     from_device: bool  # the chunk's single token is the pending token still on the device
+    num_steps: int = 1  # multi-step decode: tokens this chunk samples, each the next one's input
 
 
 # ScheduledChunk(...) runs the Python __new__ NamedTuple generates; building the tuple directly
@@ -91,6 +99,8 @@ class SchedulerOutput(NamedTuple):
     # Scheduled sequences whose page_ids changed in this schedule() (pages added, or admitted):
     # every other scheduled sequence holds the pages it held when last scheduled.
     paged: list[Sequence]
+    num_steps: int = 1  # multi-step decode: the most steps of any chunk (1: an ordinary step)
+    num_step_tokens: int = 0  # multi-step decode: tokens all chunks sample together
 
 
 class UpdateOutput(NamedTuple):
@@ -207,7 +217,9 @@ class Scheduler:
 
     # -- scheduling -------------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, num_steps: int = 1) -> SchedulerOutput:
+        """The next step's chunks. num_steps > 1 asks for a multi-step decode step, granted when
+        every running sequence is decoding and nothing could be admitted (module docstring)."""
         cfg, bm = self.config, self.block_manager
         page_size = cfg.page_size
         budget = cfg.max_num_batched_tokens
@@ -215,6 +227,8 @@ class Scheduler:
         preempted: list[Sequence] = []
         paged: list[Sequence] = []
         self._prompt_tokens = self._host_chunks = 0
+        multi = num_steps > 1 and self._can_multi_step()
+        max_steps = step_tokens = 0
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -224,10 +238,15 @@ class Scheduler:
                 i += 1
                 continue
             n, from_device = plan
+            steps = 1
+            if multi:  # n == 1; it may still produce max_tokens - (outputs + pending) tokens
+                steps = min(num_steps, seq.max_tokens - seq.num_output_tokens - seq.num_pending)
+                max_steps = max(max_steps, steps)
+                step_tokens += steps
             # Most decode steps stay inside the last page: the allocator is asked only when the
             # chunk reaches past the pages the sequence holds.
-            if seq.num_computed_tokens + n > len(seq.page_ids) * page_size:
-                need = _cdiv(seq.num_computed_tokens + n, page_size) - len(seq.page_ids)
+            if seq.num_computed_tokens + steps * n > len(seq.page_ids) * page_size:
+                need = _cdiv(seq.num_computed_tokens + steps * n, page_size) - len(seq.page_ids)
                 # Victims come from the tail, which this loop has not reached: no chunk is undone.
                 while not bm.can_allocate(need):
                     victim = self.running.pop()
@@ -239,12 +258,12 @@ class Scheduler:
                     break
                 seq.page_ids += bm.allocate(need)
                 paged.append(seq)
-            chunks.append(self._advance(seq, n, from_device))
+            chunks.append(self._advance(seq, n, from_device, steps))
             budget -= n
             i += 1
 
         # Admitting after a preemption would only take back the pages just freed.
-        while not preempted and self.waiting and budget > 0:
+        while not multi and not preempted and self.waiting and budget > 0:
             if len(self.running) >= cfg.max_num_seqs:
                 break
             seq = self.waiting[0]
@@ -281,7 +300,21 @@ class Scheduler:
             self._prompt_tokens,
             self._host_chunks,
             paged,
+            # Always K when any chunk takes more than one step: one compiled variant per bucket
+            # (rows with fewer steps write their extra iterations into the null page).
+            num_steps if max_steps > 1 else 1,
+            step_tokens,
         )
+
+    def _can_multi_step(self) -> bool:
+        """Every running sequence has at most one token left to compute (its input: known, or the
+        newest pending one), and no waiting sequence could be admitted now."""
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            return False
+        for seq in self.running:
+            if seq.num_tokens + seq.num_pending - seq.num_computed_tokens > 1:
+                return False
+        return bool(self.running)
 
     def _cap(self, remaining: int, budget: int) -> int:
         n = min(remaining, budget)
@@ -296,21 +329,26 @@ class Scheduler:
             if remaining <= 0 or (n < remaining and not self.config.enable_chunked_prefill):
                 return None
             return n, False
-        # Its one unknown token is the next input, unless that token is surely its last output.
+        # Its newest unknown token is the next input, unless that token is surely its last output.
+        # The device holds only the tokens of the sequence's last chunk: all pending ones must be
+        # from it (one, or a multi-step chunk's), and none of their KV computed yet but the input's.
+        pending = seq.num_pending
         if (
-            seq.num_pending == 1
-            and seq.num_computed_tokens == seq.num_tokens
-            and seq.num_output_tokens + 1 < seq.max_tokens
+            pending == seq.last_chunk_samples
+            and seq.num_computed_tokens == seq.num_tokens + pending - 1
+            and seq.num_output_tokens + pending < seq.max_tokens
         ):
             return 1, True
         return None
 
-    def _advance(self, seq: Sequence, n: int, from_device: bool) -> ScheduledChunk:
+    def _advance(self, seq: Sequence, n: int, from_device: bool, steps: int = 1) -> ScheduledChunk:
         start = seq.num_computed_tokens
         samples = from_device or start + n == seq.num_tokens
-        seq.num_computed_tokens += n
+        # A multi-step chunk computes its input and then steps - 1 tokens it samples itself.
+        seq.num_computed_tokens += n + steps - 1
         if samples:
-            seq.num_pending += 1
+            seq.num_pending += steps
+            seq.last_chunk_samples = steps
         # A from_device chunk computes only the unknown token, which fills no page of known tokens
         # and lies past the prompt.
         if not from_device:
@@ -319,7 +357,7 @@ class Scheduler:
             if start < prompt:
                 self._prompt_tokens += min(start + n, prompt) - start
             self._cache_full_pages(seq)
-        return _new_chunk((seq, start, n, samples, from_device))
+        return _new_chunk((seq, start, n, samples, from_device, steps))
 
     def _match_prefix(self, seq: Sequence) -> list[int]:
         bm = self.block_manager
@@ -418,6 +456,39 @@ class Scheduler:
             ):
                 self._cache_full_pages(seq)
         return UpdateOutput(updated, finished)
+
+    def take_tokens(self, seq_id: int, count: int) -> Sequence | None:
+        """Count `count` in-flight tokens of seq_id as returned (a multi-step chunk's, oldest
+        first): the sequence, to give them to with accept() in order, or None when it finished
+        meanwhile (they are dropped; it is forgotten once nothing of it is in flight)."""
+        seq = self._seqs.get(seq_id)
+        if seq is None or not 1 <= count <= seq.num_pending:
+            raise ValueError(
+                f"take_tokens: seq_id={seq_id} has {0 if seq is None else seq.num_pending} "
+                f"sampled tokens in flight, not {count}"
+            )
+        seq.num_pending -= count
+        if seq.is_finished:
+            if seq.num_pending == 0:
+                del self._seqs[seq_id]
+            return None
+        return seq
+
+    def accept(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Append one returned token (after take_tokens) and apply the stop rules: the reason it
+        ended the sequence, or None. Once it ended, the rest of its taken tokens are dropped."""
+        seq.output_token_ids.append(token)
+        seq.all_token_ids.append(token)
+        if token in seq.ending_ids or len(seq.output_token_ids) >= seq.max_tokens:
+            reason = seq.stop_reason_for(token)
+            if reason is not None:
+                self.finish(seq, reason)
+                return reason
+        return None
+
+    def cache_new_pages(self, seq: Sequence) -> None:
+        """After accept(): register the pages the new tokens filled in the prefix cache."""
+        self._cache_new_pages(seq)
 
     def _take_pending(self, seq_id: int) -> Sequence | None:
         """Count one in-flight token of seq_id as returned; the sequence, or None when it finished

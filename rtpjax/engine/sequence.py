@@ -6,6 +6,10 @@ Token accounting under asynchronous scheduling (see scheduler.py):
   scheduler gives a decoding sequence its pending token as input (`from_device`), a second sampled
   token is in flight, so `num_pending` is 0, 1 or 2; but at most one *unknown* token is ever an
   input: `num_computed_tokens <= num_tokens + 1`.
+- Multi-step decode (`num_scheduler_steps` > 1): one chunk computes its input token and then
+  `num_steps - 1` tokens it sampled itself on the device, so it leaves `num_steps` tokens pending;
+  `last_chunk_samples` counts them. The next chunk may take the newest of them as its input only
+  when every pending token came from that one chunk (the device holds no older ones).
 - `num_computed_tokens` counts positions whose KV is written or being written by a launched step;
   for a running sequence `num_computed_tokens <= num_tokens + num_pending - 1` (the newest token's
   KV is never computed: computing it is what samples the next one).
@@ -93,6 +97,7 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.num_computed_tokens = 0
         self.num_pending = 0
+        self.last_chunk_samples = 0  # tokens the last scheduled chunk samples (1, or its steps)
         self.page_ids: list[int] = []
         self.num_cached_tokens = 0
         self.num_preemptions = 0

@@ -112,6 +112,7 @@ def run_server(args: ServerArgs) -> int:
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            num_scheduler_steps=args.num_scheduler_steps,
             kv_cache_memory_fraction=args.kv_cache_memory_fraction,
             enable_prefix_caching=args.enable_prefix_caching,
             tensor_parallel_size=args.tensor_parallel_size,

@@ -93,8 +93,10 @@ def greedy_params(max_tokens):
         dict(enable_prefix_caching=False),
         dict(num_pages=24),  # 23 usable pages of 8 tokens for 32 sequences: preemption by recompute
         dict(async_scheduling=False),
+        dict(num_scheduler_steps=4),  # multi-step decode once nothing waits
+        dict(num_scheduler_steps=5, max_num_seqs=8, num_pages=24),  # ... while queues are full
     ],
-    ids=["chunk16", "no-prefix-cache", "tiny-pool-preemption", "sync"],
+    ids=["chunk16", "no-prefix-cache", "tiny-pool-preemption", "sync", "multi4", "multi5-full"],
 )
 def test_greedy_matches_dense_reference(overrides):
     prompts, max_tokens = workload()
@@ -104,8 +106,11 @@ def test_greedy_matches_dense_reference(overrides):
     for i, (o, r) in enumerate(zip(outs, ref)):
         assert o.outputs[0].token_ids == r, f"request {i} (prompt {len(prompts[i])} tokens)"
         assert o.outputs[0].finish_reason == "length"
-    if overrides.get("num_pages") == 24:
+    if overrides.get("num_pages") == 24 and "num_scheduler_steps" not in overrides:
         assert sum(o.metrics.num_preemptions for o in outs) > 0, "the tiny pool never preempted"
+    if overrides.get("num_scheduler_steps", 1) > 1:
+        multi = [r[7] for r in engine.stats.step_log if r[7] > 1]
+        assert multi, "no multi-step decode step ran"
     if overrides.get("enable_prefix_caching", True):
         assert engine.prefix_cache_hit_rate() > 0
     # All pages back: only cached prefix pages may stay, with no references.
@@ -113,6 +118,31 @@ def test_greedy_matches_dense_reference(overrides):
     assert bm.num_used_pages == 0
     assert bm.num_free_pages == bm.num_pages - 1
     assert engine.runner.num_compiled_variants <= 24
+
+
+@pytest.mark.parametrize("num_pages", [400, 18], ids=["roomy", "tiny-pool-preemption"])
+def test_multi_step_decode_matches_dense_reference(num_pages):
+    """Long decodes at max_num_seqs: most launches are multi-step, rows finish at different
+    iterations (max_tokens not a multiple of K), and with 17 usable pages the multi-step page
+    allocation preempts."""
+    cfg, params, _ = model()
+    rng = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng.integers(3, 256, int(n))] for n in rng.integers(1, 30, 10)]
+    max_tokens = [int(m) for m in rng.integers(20, 60, 10)]
+    gen = DenseGenerator(cfg, params)
+    ref = [gen.generate(p, m) for p, m in zip(prompts, max_tokens)]
+    engine = make_engine(num_scheduler_steps=8, max_num_seqs=4, num_pages=num_pages)
+    outs = run(engine, prompts, greedy_params(max_tokens))
+    for i, (o, r) in enumerate(zip(outs, ref)):
+        assert o.outputs[0].token_ids == r, f"request {i}"
+    ks = [row[7] for row in engine.stats.step_log]
+    # Roomy: most launches are multi-step; tiny pool: preempted sequences wait, which keeps most
+    # launches single-step, but some are multi-step.
+    assert sum(k > 1 for k in ks) >= (len(ks) // 2 if num_pages == 400 else 5), ks
+    if num_pages == 18:
+        assert sum(o.metrics.num_preemptions for o in outs) > 0, "the tiny pool never preempted"
+    bm = engine.block_manager
+    assert bm.num_used_pages == 0 and bm.num_free_pages == bm.num_pages - 1
 
 
 def test_accelerator_step_shapes_match_dense_reference():
@@ -157,6 +187,10 @@ def test_seeded_sampling_independent_of_batch():
     crowd_params = [seeded(20, 1234) if i == 5 else seeded(15, 99 + i) for i in range(12)]
     crowd = run(make_engine(max_num_batched_tokens=32), prompts, crowd_params)
     assert crowd[5].outputs[0].token_ids == alone
+    # Multi-step decode draws each token with the same (seed, step) key.
+    multi_engine = make_engine(max_num_batched_tokens=32, num_scheduler_steps=6)
+    multi = run(multi_engine, prompts, crowd_params)
+    assert multi[5].outputs[0].token_ids == alone
     # And the dense reference with the same sampler draws the same tokens.
     cfg, params, _ = model()
     sp = seeded(20, 1234)
@@ -169,6 +203,26 @@ def test_seeded_sampling_independent_of_batch():
 
     ref = DenseGenerator(cfg, params).generate(target, 20, sample_fn=sample_fn)
     assert ref == alone
+
+
+def test_multi_step_logprobs_and_seeds_equal_single_step():
+    """Seeded sampling with logprobs: multi-step launches give the same tokens, logprobs and
+    top-k alternatives as single steps."""
+    prompts, _ = workload(n=6, seed=4)
+    params = [
+        SamplingParams(temperature=0.9, seed=7 + i, max_tokens=13 + i, ignore_eos=True, logprobs=3)
+        for i in range(6)
+    ]
+    single = run(make_engine(), prompts, params)
+    multi_engine = make_engine(num_scheduler_steps=4)
+    multi = run(multi_engine, prompts, params)
+    assert any(r[7] > 1 for r in multi_engine.stats.step_log)
+    for a, b in zip(single, multi):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert len(b.outputs[0].logprobs) == len(b.outputs[0].token_ids)
+        for da, db in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert da.keys() == db.keys()
+            np.testing.assert_allclose(list(da.values()), list(db.values()), rtol=1e-5, atol=1e-5)
 
 
 def test_prefix_sharing_prefills_only_the_tail():

@@ -47,18 +47,30 @@ class ScriptedDevice:
         return types.SimpleNamespace(prepared=prepared)
 
     def fetch(self, inflight) -> StepResult:
-        seq_ids, tokens = [], []
+        seq_ids, tokens, counts = [], [], []
+        K = max(c.num_steps for c in inflight.prepared.chunks)
         for c in inflight.prepared.chunks:
             if c.samples:
                 sid = c.seq.seq_id
                 k = self.sampled.get(sid, 0)
-                self.sampled[sid] = k + 1
+                self.sampled[sid] = k + c.num_steps
                 seq_ids.append(sid)
-                script = self.scripts[sid]
-                # Past its script a sequence has finished: the device, a step ahead, still
-                # samples once more for it; the host drops that token.
-                tokens.append(script[k] if k < len(script) else FILLER)
+                script = [*self.scripts[sid], *[FILLER] * (k + K)]
+                # Past its script a sequence has finished: the device, a step (or K tokens)
+                # ahead, still samples for it; the host drops those tokens.
+                tokens.append(script[k : k + K] if K > 1 else script[k])
+                counts.append(c.num_steps)
         n = len(seq_ids)
+        if K > 1:  # a multi-step step: [R, K] tokens, each row's first counts[r] valid
+            return StepResult(
+                seq_ids,
+                np.asarray(tokens, np.int32).reshape(n, K),
+                np.zeros((n, K), np.float32),
+                np.zeros((n, K, 0), np.int32),
+                np.zeros((n, K, 0), np.float32),
+                {},
+                np.asarray(counts, np.int32),
+            )
         return StepResult(
             seq_ids,
             np.asarray(tokens, np.int32),  # i32[R]
@@ -114,10 +126,12 @@ def reference_stop(deltas: list[str], stop: tuple[str, ...], include: bool):
     return text, len(deltas), None
 
 
-def test_stop_strings_match_a_search_of_the_whole_text(tokenizer, tiny_model):
+@pytest.mark.parametrize("steps", [1, 4])
+def test_stop_strings_match_a_search_of_the_whole_text(tokenizer, tiny_model, steps):
+    """steps 4: multi-step decode, tokens after a stop string within a launch are dropped."""
     rng = random.Random(0)
     pool = tokenizer.encode(TEXT, add_special_tokens=False)
-    engine, device = make_engine(tokenizer, tiny_model)
+    engine, device = make_engine(tokenizer, tiny_model, num_scheduler_steps=steps)
     cases = []
     for i in range(60):
         start = rng.randrange(len(pool) - 40)
@@ -153,10 +167,13 @@ def test_stop_strings_match_a_search_of_the_whole_text(tokenizer, tiny_model):
         assert o.finish_reason == ("stop" if s is not None else "length"), rid
         hits += s is not None
     assert 20 <= hits < len(cases)  # both outcomes are exercised
+    if steps > 1:
+        assert sum(r[7] > 1 for r in engine.stats.step_log) >= 5
 
 
+@pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("kind", ["cumulative", "delta", "final"])
-def test_a_stop_on_the_last_allowed_token_is_reported_as_stop(tokenizer, tiny_model, kind):
+def test_a_stop_on_the_last_allowed_token_is_reported_as_stop(tokenizer, tiny_model, kind, steps):
     """The max_tokens-th token completing a stop string, or being a stop id or EOS, ends the
     completion with finish_reason "stop" (and the string or id as stop_reason), as vLLM reports;
     only running out of tokens is "length"."""
@@ -188,7 +205,7 @@ def test_a_stop_on_the_last_allowed_token_is_reported_as_stop(tokenizer, tiny_mo
         "eos": ([*script[:-1], eos], dict(ignore_eos=False), "stop", None, None),
         "len": (script, dict(stop=["never there"]), "length", None, text),
     }
-    engine, device = make_engine(tokenizer, tiny_model)
+    engine, device = make_engine(tokenizer, tiny_model, num_scheduler_steps=steps)
     for rid, (ids, extra, *_) in cases.items():
         extra = {"ignore_eos": True, **extra}
         p = SamplingParams(temperature=0.0, max_tokens=len(ids), **extra)

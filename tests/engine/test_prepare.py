@@ -183,8 +183,8 @@ def test_prepare_and_fetch_match_per_token_reference(name, tokenizer, tiny_model
     scheduled = []  # every SchedulerOutput, in order
     schedule = engine.scheduler.schedule
 
-    def recorded_schedule():
-        scheduled.append(schedule())
+    def recorded_schedule(num_steps=1):
+        scheduled.append(schedule(num_steps))
         return scheduled[-1]
 
     engine.scheduler.schedule = recorded_schedule

@@ -42,3 +42,38 @@ def test_full_warm_up_leaves_nothing_to_compile_for_plain_traffic():
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.runner.num_compiled_variants == warmed
+
+
+def test_full_warm_up_compiles_the_multi_step_variants():
+    """With num_scheduler_steps, every decode row bucket also gets its multi-step variant (greedy
+    and sampled), and long decodes after the warm-up compile nothing new."""
+    cfg = preset("tiny")
+    mesh = make_mesh(1)
+    config = EngineConfig(
+        max_model_len=64,
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        page_size=8,
+        num_pages=120,
+        num_scheduler_steps=4,
+    )
+    engine = LLMEngine(
+        cfg, random_params(cfg, jnp.float32, mesh), None, mesh, config, num_pages=120
+    )
+    runner = engine.runner
+    runner.tight_rows, runner.small_decode, runner.cudnn_prefill = False, True, True
+    warm_up(engine, full=True)
+    warmed = runner.num_compiled_variants
+    multi = [s for _, s in runner._out_layouts if s.num_steps > 1]
+    # The plain variants as above, plus a multi-step one per decode row bucket 1/2/4/8, twice.
+    assert len(multi) == 2 * 4 and warmed == 2 * (2 + 3 + 2 + 3) + len(multi)
+
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        prompt = [int(t) for t in rng.integers(3, 500, int(rng.integers(1, 20)))]
+        sp = SamplingParams(temperature=0.0, max_tokens=int(rng.integers(5, 30)), detokenize=False)
+        engine.add_request(str(i), None, prompt, sp)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert any(r[7] > 1 for r in engine.stats.step_log)
+    assert runner.num_compiled_variants == warmed
