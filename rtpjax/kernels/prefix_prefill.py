@@ -20,8 +20,11 @@ GetCudnnFlashAttentionOperationGraph (stream_executor/cuda/cuda_dnn.cc):
 - With the packed layout (q_offsets of shape [1, M+1], M > 1) the stats have shape (B·M, N, T) =
   (M, N, T) here: XLA multiplies the batch dim by M (each segment is a cuDNN "batch") and gives
   the stats tensor NO ragged offset, so stats[m, n, i] is query i *within* segment m (i <
-  q_seqlen[m]); rows past a segment's length are not written. With M = 1 (one sequence row) the
+  q_seqlen[m]); nothing is promised past a segment's length. With M = 1 (one sequence row) the
   offsets are dropped and the call is plain padded attention over [1, T]: the same indexing holds.
+- Checked on an H100 (cuDNN through jax 0.11.2 + CUDA 13 plugin): stats of a packed PADDING call
+  equal the float64 natural-log LSE of the scaled scores to 6.4e-7 (log2 would be off by 3.8);
+  a segment with kv length 0 gave stats -inf and zero outputs (masked here all the same).
 - Lengths [1, M] and offsets [1, M+1] use −1 for unused rows; jax shifts the non-negative entries
   left, so live rows must be a prefix (they are: rows b < num_seqs) and a live row with length 0
   stays aligned with its offsets.
@@ -33,7 +36,7 @@ Lengths are traced, so a violation cannot raise. What happens then: the buffer i
 sequence order and the offsets are clipped to it (no read past the buffer on any path); every
 sequence whose prefix does not fit whole comes out as NaN on all its rows (loud, not a silently
 shorter context). Sequences with ctx_b = 0 and those that fit are unaffected. max_prefix_tokens = 0
-skips part A statically (the step is then a fresh prefill).
+skips part A statically (for steps with no cached prefix at all: a fresh prefill).
 
 Paths: "cudnn" (GPU; bf16/f16, head_dim 64/128), "xla" (the same gather / two parts with LSE /
 merge, dense masked softmax in float32 jnp: the CPU check of this file's logic; memory T·S·N),
