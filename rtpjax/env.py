@@ -55,14 +55,38 @@ def stable_graphs() -> bool:
     return os.environ.get("RTPJAX_STABLE_GRAPHS", "0") == "1"
 
 
-def configure_xla() -> bool:
-    """With RTPJAX_STABLE_GRAPHS=1, set the stable-graph XLA settings in the environment before
-    jax starts; True if they were set. The server and `LLM` call it (LLM only while jax has no
-    backend yet); training does not.
+# XLA leaves while loops out of its CUDA graphs by default: a loop's body then runs its own graphs
+# iteration by iteration, launched from the host. A multi-step decode launch (K model iterations
+# in a fori_loop) spent 12.8 ms of host time per launch behind a busy H100 that way (Llama-3-8B,
+# batch 256, K = 8), against 7.7 ms with the loop captured as one graph (conditional nodes); a
+# plain decode step's launch fell from 6.1 to 3.1 ms too (docs/benchmarks.md, "multi-step decode").
+_LOOP_GRAPH_FLAG = "--xla_gpu_enable_command_buffer=+WHILE"
 
-    The user's own XLA_FLAGS update mode, or an explicit XLA_PYTHON_CLIENT_PREALLOCATE=true, wins.
-    Once jax has created its backends this changes nothing.
+
+def loop_graphs() -> bool:
+    """RTPJAX_LOOP_GRAPHS (default 1): capture while loops (multi-step decode) in CUDA graphs."""
+    return os.environ.get("RTPJAX_LOOP_GRAPHS", "1") != "0"
+
+
+def configure_xla() -> bool:
+    """Set rtpjax's serving XLA settings in the environment before jax starts; True if any was
+    set. Loop graphs (RTPJAX_LOOP_GRAPHS, default on) and, opt-in, stable graphs
+    (RTPJAX_STABLE_GRAPHS=1). The server and `LLM` call it (LLM only while jax has no backend yet);
+    training does not.
+
+    The user's own XLA_FLAGS for the same setting (command buffer types, update mode), or an
+    explicit XLA_PYTHON_CLIENT_PREALLOCATE=true, wins. Once jax has created its backends this
+    changes nothing.
     """
+    changed = False
+    if loop_graphs() and "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} {_LOOP_GRAPH_FLAG}".strip()
+        changed = True
+    return _configure_stable_graphs() or changed
+
+
+def _configure_stable_graphs() -> bool:
     if not stable_graphs():
         return False
     flags = os.environ.get("XLA_FLAGS", "")

@@ -385,6 +385,19 @@ class LLMEngine:
                 m.first_token_time = now
                 m.num_cached_tokens = max(m.num_cached_tokens, seq.num_cached_tokens)
             detok, stop = state.detok, req.params.stop
+            toks = ids[r][: counts[r]]
+            if (
+                detok is None
+                and state.logprobs is None
+                and seq.num_output_tokens + len(toks) < seq.max_tokens
+                and seq.ending_ids.isdisjoint(toks)
+            ):  # no token can end it and none needs text or logprobs: append them at once
+                seq.output_token_ids += toks
+                seq.all_token_ids.extend(toks)
+                m.token_times.extend([now] * len(toks))
+                sched.cache_new_pages(seq)
+                changed[req.request_id] = req
+                continue
             for j in range(counts[r]):
                 token = ids[r][j]
                 reason = sched.accept(seq, token)

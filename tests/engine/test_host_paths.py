@@ -386,3 +386,32 @@ def test_update_sampled_applies_tokens_as_update_does():
     assert sum(q.num_preemptions for q in seqs_a) > 0
     a.block_manager.check_invariants()
     assert a.block_manager._page_to_hash == b.block_manager._page_to_hash
+
+
+def test_multi_step_without_text_stops_at_stop_ids_and_max_tokens(tokenizer, tiny_model):
+    """Multi-step launches of requests without text (the bulk append path): a stop id inside a
+    launch's tokens ends the completion there, max_tokens cuts the rest, and later tokens the
+    device sampled are dropped."""
+    engine, device = make_engine(tokenizer, tiny_model, num_scheduler_steps=4)
+    stop_id = 400
+    cases = {  # rid: (script, max_tokens, stop ids, finish_reason, tokens kept)
+        "free": (list(range(10, 40)), 30, [], "length", 30),
+        "odd": (list(range(10, 40)), 7, [], "length", 7),
+        "stop_mid": ([*range(10, 19), stop_id, *range(20, 40)], 30, [stop_id], "stop", 10),
+        "stop_first": ([stop_id, *range(10, 40)], 30, [stop_id], "stop", 1),
+    }
+    for rid, (script, max_tokens, stops, *_) in cases.items():
+        p = SamplingParams(
+            temperature=0.0,
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            stop_token_ids=stops,
+            detokenize=False,
+        )
+        add(engine, device, rid, [script], p, output_kind="final")
+    outs = run(engine)
+    for rid, (script, _, _, reason, kept) in cases.items():
+        o = outs[rid][-1].outputs[0]
+        assert (o.finish_reason, o.token_ids) == (reason, script[:kept]), rid
+    assert sum(r[7] > 1 for r in engine.stats.step_log) >= 3
+    assert engine.block_manager.num_used_pages == 0
