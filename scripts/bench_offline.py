@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -228,7 +229,7 @@ def steady_decode(llm: LLM, batch: int, context: int, steps: int) -> dict:
             steps.append(log[7])
     # Per decode step (one token per sequence): a multi-step launch of K counts K. The wall time
     # between two launches is the previous launch's device time (the pipeline runs one ahead).
-    dts = np.diff(times) / np.asarray(steps[:-1])
+    dts = np.diff(times) / np.asarray(steps[:-1]) if times else np.zeros(0)
     dts = dts[2:-2] if len(dts) > 8 else dts
     host = engine.stats.host_ms(min_batch=max(1, int(0.9 * batch)))
     ms = float(np.median(dts) * 1e3) if len(dts) else float("nan")
@@ -318,6 +319,13 @@ def main(argv=None) -> int:
         default=1,
         help="multi-step decode: decode iterations per launch (1: off)",
     )
+    ap.add_argument(
+        "--warmup",
+        choices=("full", "quick"),
+        default="full",
+        help="full (GPU): compile every bucket first, as the server does; quick: only what a "
+        "short run of the workload compiles (steady-state phases drop compile outliers)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     phases = set(args.phases.split(","))
@@ -348,7 +356,7 @@ def main(argv=None) -> int:
     )
     t0 = time.perf_counter()
     run_batch(llm, warm, params_for(4))
-    if is_gpu:  # what the server does at start-up: every decode and prefill bucket
+    if is_gpu and args.warmup == "full":  # what the server does: every decode and prefill bucket
         warm_up(llm.engine, full=True)
     results["warmup_s"] = time.perf_counter() - t0
     results["variants_after_warmup"] = llm.engine.runner.num_compiled_variants
@@ -425,7 +433,8 @@ def main(argv=None) -> int:
         b = max(int(x) for x in args.decode_batches.split(","))
         dev = device_step_time(llm, b, args.decode_context, 20)
         r = steady_decode(llm, b, args.decode_context, args.decode_steps)
-        idle = max(0.0, 1 - dev * 1e3 / r["ms_per_step"])
+        idle = 1 - dev * 1e3 / r["ms_per_step"]  # NaN when too few steady steps were seen
+        idle = idle if math.isnan(idle) else max(0.0, idle)
         results["idle"] = {
             "batch": b,
             "device_ms": dev * 1e3,
