@@ -431,7 +431,9 @@ def main(argv=None) -> int:
 
     if "idle" in phases:
         b = max(int(x) for x in args.decode_batches.split(","))
-        dev = device_step_time(llm, b, args.decode_context, 20)
+        # The device step replayed at the steady run's mean context (its contexts grow by
+        # decode_steps), or the idle fraction would count the growth as idle time.
+        dev = device_step_time(llm, b, args.decode_context + args.decode_steps // 2, 20)
         r = steady_decode(llm, b, args.decode_context, args.decode_steps)
         idle = 1 - dev * 1e3 / r["ms_per_step"]  # NaN when too few steady steps were seen
         idle = idle if math.isnan(idle) else max(0.0, idle)
