@@ -17,6 +17,7 @@ see the same step shapes and must give the same tokens, greedy and seeded.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -55,10 +56,11 @@ def main(argv=None) -> int:
     params = random_params(cfg, dtype, mesh)
     loaded = LoadedModel(args.model, f"random:{args.model}", cfg, params, None, mesh, dtype)
     checked = check(loaded, K) if args.check else None
-    pages_per_seq = -(-(args.context + 2048) // 16)
+    gc.collect()  # the check's engines and their KV pages
+    pages_per_seq = -(-(args.context + 16 * K + 64) // 16)  # a few launches of decode
     llm = LLM(
         loaded,
-        max_model_len=args.context + 2048,
+        max_model_len=args.context + 16 * K + 64,
         max_num_seqs=B,
         num_pages=B * pages_per_seq + 1,
         num_scheduler_steps=K,
@@ -69,7 +71,11 @@ def main(argv=None) -> int:
     for i in range(B):
         prompt = [int(t) for t in rng.integers(10, cfg.vocab_size - 10, args.context)]
         sp = SamplingParams(
-            temperature=args.temperature, seed=i, max_tokens=2000, ignore_eos=True, detokenize=False
+            temperature=args.temperature,
+            seed=i,
+            max_tokens=16 * K + 32,
+            ignore_eos=True,
+            detokenize=False,
         )
         engine.add_request(str(i), None, prompt, sp)
     t0 = time.perf_counter()
