@@ -16,13 +16,16 @@ Phases (each printed as a table row and written to JSON):
                input transfer, the jitted call, and a launch behind a busy device; the compiled
                step's top-level operation count (kernels, or command buffers)
   prefill      one prompt of --prefill-len tokens: time and model TFLOP/s (2 x non-embedding
-               parameters x tokens + attention) beside the GEMM rate of this device
+               parameters x tokens + attention) beside the GEMM rate of this device, and its
+               chunks (one step each, with each step's time; --cudnn-prefill: the chunks after
+               the first run over their cached prefix through cuDNN)
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -70,6 +73,7 @@ def build(args) -> LLM:
         enable_prefix_caching=False,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         num_scheduler_steps=args.num_scheduler_steps,
+        cudnn_prefill=args.cudnn_prefill,
         progress=False,
     )
 
@@ -242,6 +246,15 @@ def steady_decode(llm: LLM, batch: int, context: int, steps: int) -> dict:
     }
 
 
+def _chunk_times(log: list[tuple]) -> list[float]:
+    """Seconds per launched step of a step log: its launch plus the wait for its results. With
+    async scheduling a row waits for the previous row's launch (the last row launches nothing)."""
+    launched = [r for r in log if r[0] > 0]
+    if len(log) == len(launched) + 1:
+        return [a[3] + b[4] for a, b in itertools.pairwise(log)]
+    return [r[3] + r[4] for r in log]
+
+
 def model_flops(cfg, tokens: int) -> float:
     # Linear layers only: the embedding is a lookup and prefill computes logits for one token.
     embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
@@ -318,6 +331,11 @@ def main(argv=None) -> int:
         type=int,
         default=1,
         help="multi-step decode: decode iterations per launch (1: off)",
+    )
+    ap.add_argument(
+        "--cudnn-prefill",
+        action="store_true",
+        help="prefill steps with no decode row through cuDNN (LLM(cudnn_prefill=True); GPU)",
     )
     ap.add_argument(
         "--warmup",
@@ -472,24 +490,42 @@ def main(argv=None) -> int:
         n = args.prefill_len
         p = random_prompts(1, n, cfg.vocab_size, 3)
         run_batch(llm, p, params_for(1))  # compile this bucket
-        times = []
+        times, per_step = [], []
         for i in range(3):
             p = random_prompts(1, n, cfg.vocab_size, 10 + i)
             llm.engine.stats.step_log.clear()
             run_batch(llm, p, params_for(1))
             log = llm.engine.stats.step_log
-            # Prefill time: the step that computed the prompt (launch → results back).
+            # Prefill time: the steps that computed the prompt (launch → results back).
             times.append(sum(r[3] + r[4] for r in log))
+            per_step.append(_chunk_times(log))
         t = float(np.median(times))
         flops = model_flops(cfg, n)
-        r = {"tokens": n, "s": t, "tflops": flops / t / 1e12}
+        # One step per chunk of the budget (no prefix caching here); each step's median time.
+        b = args.max_num_batched_tokens
+        chunks = [min(b, n - s) for s in range(0, n, b)]
+        same = all(len(s) == len(chunks) for s in per_step)
+        step_ms = [float(np.median(s)) * 1e3 for s in zip(*per_step)] if same else []
+        r = {
+            "tokens": n,
+            "s": t,
+            "tflops": flops / t / 1e12,
+            "chunks": chunks,
+            "step_ms": step_ms,
+            "cudnn_prefill": llm.engine.runner.cudnn_prefill,
+        }
         if is_gpu:
             r["xla_gemm_tflops"] = gemm_rate(
                 n, cfg.hidden_size, cfg.intermediate_size, llm.model.dtype
             )
         results["prefill"] = r
-        extra = (
-            f"XLA GEMM {r['xla_gemm_tflops']:.0f} TFLOP/s on {n}x{cfg.hidden_size}x"
+        steps = (
+            " + ".join(f"{c} ({ms:.1f} ms)" for c, ms in zip(chunks, step_ms))
+            if same
+            else f"{[len(s) for s in per_step]} steps per run"
+        )
+        extra = f"{len(chunks)} steps: {steps}, cuDNN prefill {r['cudnn_prefill']}" + (
+            f"; XLA GEMM {r['xla_gemm_tflops']:.0f} TFLOP/s on {n}x{cfg.hidden_size}x"
             f"{cfg.intermediate_size}"
             if is_gpu
             else ""

@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from typing import Any, NamedTuple
 
-from rtpjax.engine.engine import LLMEngine
+from rtpjax.engine.engine import EngineConfig, LLMEngine
 from rtpjax.engine.outputs import RequestOutput
 from rtpjax.sampling_params import SamplingParams
 
@@ -414,8 +414,9 @@ def warm_up(
     the engine thread. Always: prefill and decode of one row, greedy and sampled. `full` (what
     the server does on accelerators, like vLLM capturing its CUDA graphs for every batch size):
     also every decode batch bucket up to max_num_seqs and every prefill token bucket (fresh and,
-    with cuDNN prefill, mixed with a decode), greedy and sampled, so no request waits on a compile
-    later (penalties and logprobs variants still compile on first use).
+    with cuDNN prefill, mixed with a decode and one chunk over a cached prefix), greedy and
+    sampled, so no request waits on a compile later (penalties and logprobs variants, and
+    prefix-prefill steps of more rows or a larger prefix bucket, still compile on first use).
     Returns seconds."""
     t0 = time.perf_counter()
     vocab = engine.model_config.vocab_size
@@ -447,6 +448,8 @@ def warm_up(
                     decode = dataclasses.replace(sp, max_tokens=3)
                     rest = _prompts(t - 1, t + 7919 + 20011 * k, longest, vocab, sp)
                     jobs.append([[([100], decode)], rest])
+                if runner.cudnn_prefill and t > 1 and longest > 2:
+                    jobs.append([_prefix_chunk(t, t + 3571 + 20011 * k, cfg, longest, vocab, sp)])
     for b, job in enumerate(jobs):
         for g, group in enumerate(job):
             for r, (prompt, params) in enumerate(group):
@@ -455,6 +458,19 @@ def warm_up(
         while engine.has_unfinished_requests():
             engine.step()
     return time.perf_counter() - t0
+
+
+def _prefix_chunk(
+    t: int, tag: int, cfg: EngineConfig, longest: int, vocab: int, params: SamplingParams
+) -> list:
+    """One group whose second step is a prefix-prefill step of one row: a chunk of t tokens (at
+    most longest - 1) over a one-token cached prefix (the smallest prefix bucket). Prompts of
+    max_num_batched_tokens - 1 tokens that sample once and finish take the first step's budget
+    but one token, which starts the last prompt; its remaining t tokens are the second step."""
+    once = dataclasses.replace(params, max_tokens=1)
+    fill = _prompts(cfg.max_num_batched_tokens - 1, tag, longest, vocab, once)
+    ((chunk, _),) = _prompts(1 + min(t, longest - 1), tag + 1, longest, vocab, params)
+    return [*fill, (chunk, params)]
 
 
 def _prompts(total: int, tag: int, longest: int, vocab: int, params: SamplingParams) -> list:

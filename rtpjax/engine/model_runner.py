@@ -45,6 +45,14 @@ _START, _NUM_TOKENS, _SAMPLES = (operator.itemgetter(i) for i in range(1, 4))
 _STEPS = operator.itemgetter(5)
 
 
+# Prefix-prefill steps (cuDNN over a cached prefix, StepStatic.max_prefix_tokens): at most this many
+# sequence rows, each of its two cuDNN calls writes softmax stats of f32[B, N, T] (16 x 32 x 8192 x
+# 4 B = 17 MB at Llama-3-8B's largest bucket, 268 MB at B = 256), and every row bucket is one more
+# compiled variant; the prefix bucket is a power of two of at least this many tokens.
+PREFIX_PREFILL_MAX_ROWS = 16
+PREFIX_MIN_TOKENS = 256
+
+
 def _pow2(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
@@ -76,6 +84,8 @@ class StepStatic(NamedTuple):
     prompt_logprobs: bool
     fresh_prefill: bool = False  # no sequence has cached KV: cuDNN attention (packed_prefill.py)
     num_steps: int = 1  # multi-step decode: model iterations in this launch
+    # > 0: a prefill step over cached prefixes (prefix_prefill.py), bound on their summed tokens
+    max_prefix_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -160,7 +170,9 @@ class ModelRunner:
         self._out_layouts: dict[tuple, packing.Layout] = {}  # one per compiled variant
         # Opt-in: steps whose sequences all start at position 0 take cuDNN's flash attention on
         # GPUs (0.95 of cuDNN against the paged kernel's 0.5; but each such step variant compiles
-        # ~10 s longer on an H200 and fresh steps are rare under load: docs/kernels/attention.md).
+        # ~10 s longer on an H200 and fresh steps are rare under load: docs/kernels/attention.md);
+        # so do prefill steps over cached prefixes with no decode row (`_prefix_bucket`: two cuDNN
+        # calls merged by their LSE, 0.82-0.96 of cuDNN, 1.4-1.9x the paged kernel on the H100).
         self.cudnn_prefill = (
             cudnn_prefill
             and attention_impl == "auto"
@@ -226,28 +238,35 @@ class ModelRunner:
         chunks = sched.chunks
         n = len(chunks)
         total = sched.num_batched_tokens
-        if self.small_decode and total == n and n < self.token_buckets[0]:
-            T = B = _pow2(n, 1)
-        else:
-            T = self.token_buckets[bisect.bisect_left(self.token_buckets, total)]
-            # Row buckets: on accelerators tied to the token bucket (one compile per token bucket;
-            # the padded rows' logits cost ~1% of a large prefill); on CPU as tight as possible,
-            # where padded logits rows are expensive.
-            B = min(_pow2(n, 8), self.max_rows) if self.tight_rows else min(T, self.max_rows)
-        ps = self.page_size
-        batch = self.batch
-        seq_ids = [c[0].seq_id for c in chunks]  # c.seq.seq_id
-        slots = batch.slots_of(seq_ids, sched.paged)
-        iota = np.arange(max(T, B) + 1, dtype=np.int32)  # i32[max(T, B) + 1]
-
         starts = np.fromiter(map(_START, chunks), np.int32, n)
-        all_device = sched.num_host_chunks == 0
         # Every chunk has at least one token: total == n is a decode-only step (one token a row).
         decode = total == n
         if decode:
             q_lens = np.ones(n, np.int32)
         else:
             q_lens = np.fromiter(map(_NUM_TOKENS, chunks), np.int32, n)
+        max_prefix = self._prefix_bucket(starts, q_lens) if self.cudnn_prefill and not decode else 0
+        if self.small_decode and decode and n < self.token_buckets[0]:
+            T = B = _pow2(n, 1)
+        else:
+            T = self.token_buckets[bisect.bisect_left(self.token_buckets, total)]
+            # Row buckets: on accelerators tied to the token bucket (one compile per token bucket;
+            # the padded rows' logits cost ~1% of a large prefill); on CPU as tight as possible,
+            # where padded logits rows are expensive. Prefix-prefill steps: tight everywhere, as
+            # cuDNN's softmax stats are [B, N, T].
+            if max_prefix:
+                B = _pow2(n, 1)
+            elif self.tight_rows:
+                B = min(_pow2(n, 8), self.max_rows)
+            else:
+                B = min(T, self.max_rows)
+        ps = self.page_size
+        batch = self.batch
+        seq_ids = [c[0].seq_id for c in chunks]  # c.seq.seq_id
+        slots = batch.slots_of(seq_ids, sched.paged)
+        iota = np.arange(max(T, B) + 1, dtype=np.int32)  # i32[max(T, B) + 1]
+
+        all_device = sched.num_host_chunks == 0
         # A from_device chunk always samples: the all-device step needs no per-chunk look.
         samples = None if all_device else np.fromiter(map(_SAMPLES, chunks), np.bool_, n)
         cu = np.empty(B + 1, np.int32)
@@ -364,7 +383,7 @@ class ModelRunner:
             row_steps,
         )
         fresh = self.cudnn_prefill and max_q_len is None and not starts.any()
-        static = StepStatic(flags, max_q_len, bool(prompt_rows), fresh, num_steps)
+        static = StepStatic(flags, max_q_len, bool(prompt_rows), fresh, num_steps, max_prefix)
         if samples is None:
             sampled_ids = seq_ids
             batch.prev_row[slots] = iota[:n]
@@ -382,6 +401,22 @@ class ModelRunner:
             sampled_ids=sampled_ids,
             prompt_rows=prompt_rows,
         )
+
+    def _prefix_bucket(self, starts: np.ndarray, q_lens: np.ndarray) -> int:
+        """max_prefix_tokens of a prefill step (starts, q_lens: i32[n]), or 0 where it takes
+        another path. A prefix-prefill step has at most PREFIX_PREFILL_MAX_ROWS rows, some chunk
+        over a cached prefix (start > 0: else it is a fresh step), and no row of one token over a
+        prefix (a decode, or a prompt's last token after a cache hit: the paged kernel reads just
+        its context, where the gather would copy all of it); its bucket is the smallest power of
+        two >= max(Σ starts, PREFIX_MIN_TOKENS), capped at the pool's tokens (Σ starts counts a
+        shared prefix once per row, so it may exceed the pool: then not this path)."""
+        if len(starts) > PREFIX_PREFILL_MAX_ROWS:
+            return 0
+        ctx = int(starts.sum())
+        pool = self.num_pages * self.page_size
+        if ctx == 0 or ctx > pool or ((q_lens == 1) & (starts > 0)).any():
+            return 0
+        return min(_pow2(ctx, PREFIX_MIN_TOKENS), pool)
 
     def execute(self, step: PreparedStep) -> InflightStep:
         """Launch the step (asynchronously). Its small inputs travel as one buffer, its outputs
@@ -413,6 +448,7 @@ class ModelRunner:
             impl=self.attention_impl,
             max_q_len=step.static.max_q_len,
             fresh_prefill=step.static.fresh_prefill,
+            max_prefix_tokens=step.static.max_prefix_tokens,
         )
 
     def call(self, fn: Any, buf: Any, layout: packing.Layout, step: PreparedStep) -> Any:

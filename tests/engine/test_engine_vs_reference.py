@@ -178,6 +178,46 @@ def test_accelerator_step_shapes_match_dense_reference():
     assert len(addresses) > 1 and all(len(a) == 1 for a in addresses.values()), addresses
 
 
+def test_prefix_prefill_steps_match_dense_reference():
+    """With cudnn_prefill forced on CPU (the XLA path standing in for cuDNN), prefill steps with no
+    decode row over a cached prefix take prefix_prefill_attention: the later chunks of a 100-token
+    prompt chunked by 32 (one row, prefix bucket 256), then seven prompts admitted together onto
+    its first 40 tokens through the prefix cache (8 rows, 7 x 40 cached tokens: bucket 512); one
+    prompt whose whole prefix hits leaves a one-token chunk over it, so its step stays paged."""
+    cfg, params, _ = model()
+    engine = make_engine(max_num_batched_tokens=32)
+    runner = engine.runner
+    runner.tight_rows, runner.small_decode, runner.cudnn_prefill = False, True, True
+    prepare, steps = runner.prepare, []
+
+    def recording_prepare(sched):
+        step = prepare(sched)
+        x = step.inputs
+        steps.append((x.tokens.shape[0], x.kv_lens.shape[0], step.static.max_prefix_tokens))
+        return step
+
+    runner.prepare = recording_prepare
+    rng = np.random.default_rng(7)
+    long = [int(t) for t in rng.integers(3, 256, 100)]
+    shared = [long[:40] + [int(t) for t in rng.integers(3, 256, 3 + i % 3)] for i in range(7)]
+    waves = [[long], shared, [[*long[:48], 5]]]  # the last: 48 cached (6 pages), 1 to compute
+    gen = DenseGenerator(cfg, params)
+    for w, prompts in enumerate(waves):
+        first = len(steps)
+        outs = run(engine, prompts, greedy_params([6] * len(prompts)))
+        for i, (o, p) in enumerate(zip(outs, prompts)):
+            assert o.outputs[0].token_ids == gen.generate(p, 6), f"wave {w} request {i}"
+        prefix_steps = [s for s in steps[first:] if s[2]]
+        if w == 0:  # chunks [32, 64), [64, 96) and [96, 100) over their prompt's start
+            assert prefix_steps == [(32, 1, 256), (32, 1, 256), (16, 1, 256)], steps[first:]
+        elif w == 1:  # 7 x 3..5 = 28 tokens in one step, tight rows
+            assert prefix_steps == [(32, 8, 512)], steps[first:]
+            assert outs[0].num_cached_tokens == 40
+        else:
+            assert prefix_steps == [] and outs[0].num_cached_tokens == 48, steps[first:]
+    assert {s.max_prefix_tokens for _, s in runner._out_layouts} == {0, 256, 512}
+
+
 def seeded(max_tokens, seed):
     return SamplingParams(
         temperature=0.8, top_p=0.9, top_k=50, seed=seed, max_tokens=max_tokens, ignore_eos=True

@@ -26,8 +26,15 @@ def test_full_warm_up_leaves_nothing_to_compile_for_plain_traffic():
     warm_up(engine, full=True)
     warmed = runner.num_compiled_variants
     # Greedy and sampled each: one-row prefill and decode, decode rows 2/4/8, fresh token
-    # buckets 32/64, mixed token buckets 16/32/64.
-    assert warmed == 2 * (2 + 3 + 2 + 3)
+    # buckets 32/64, mixed token buckets 16/32/64, one-row prefix-prefill token buckets 16/32/64.
+    assert warmed == 2 * (2 + 3 + 2 + 3 + 3)
+    # (T from tokens i32[T], B from kv_lens i32[B], the prefix bucket) of the prefix variants
+    prefix = sorted(
+        (layout.leaves[0][0][0], layout.leaves[4][0][0], s.max_prefix_tokens)
+        for layout, s in runner._out_layouts
+        if s.max_prefix_tokens
+    )
+    assert prefix == [(t, 1, 256) for t in (16, 16, 32, 32, 64, 64)], prefix
 
     rng = np.random.default_rng(0)
     for wave in range(3):  # staggered arrivals: mixed prefill + decode steps of many sizes
@@ -66,7 +73,7 @@ def test_full_warm_up_compiles_the_multi_step_variants():
     warmed = runner.num_compiled_variants
     multi = [s for _, s in runner._out_layouts if s.num_steps > 1]
     # The plain variants as above, plus a multi-step one per decode row bucket 1/2/4/8, twice.
-    assert len(multi) == 2 * 4 and warmed == 2 * (2 + 3 + 2 + 3) + len(multi)
+    assert len(multi) == 2 * 4 and warmed == 2 * (2 + 3 + 2 + 3 + 3) + len(multi)
 
     rng = np.random.default_rng(1)
     for i in range(8):
