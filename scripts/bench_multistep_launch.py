@@ -57,10 +57,13 @@ def main(argv=None) -> int:
     loaded = LoadedModel(args.model, f"random:{args.model}", cfg, params, None, mesh, dtype)
     checked = check(loaded, K) if args.check else None
     gc.collect()  # the check's engines and their KV pages
-    pages_per_seq = -(-(args.context + 16 * K + 64) // 16)  # a few launches of decode
+    # Long enough for every row to be decoding at once (the first rows' decode overlaps the last
+    # rows' prefill) and for a few launches of K.
+    max_tokens = B + 16 * K + 32
+    pages_per_seq = -(-(args.context + max_tokens + 16) // 16)
     llm = LLM(
         loaded,
-        max_model_len=args.context + 16 * K + 64,
+        max_model_len=args.context + max_tokens + 16,
         max_num_seqs=B,
         num_pages=B * pages_per_seq + 1,
         num_scheduler_steps=K,
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
         sp = SamplingParams(
             temperature=args.temperature,
             seed=i,
-            max_tokens=16 * K + 32,
+            max_tokens=max_tokens,
             ignore_eos=True,
             detokenize=False,
         )
