@@ -2,9 +2,11 @@
 
 The fake device keeps its own KV pages (token ids written at each position) and its own record of
 every sequence's true tokens, samples random tokens (often EOS), and returns them either before the
-next schedule() (synchronous) or after it (asynchronous: schedule N+1 before update N). After every
-schedule() and update() the page accounting invariants hold; at the end every sequence finished with
-the outputs and finish reason its stop rules demand, and every page is free or cached with ref 0.
+next schedule() (synchronous) or after it (asynchronous: schedule N+1 before update N); with
+num_steps > 1 it runs multi-step decode chunks (K positions, each input the previous sample).
+After every schedule() and update() the page accounting invariants hold; at the end every
+sequence finished with the outputs and finish reason its stop rules demand, and every page is
+free or cached with ref 0.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Workload:
     asynchronous: bool
     reqs: list[Req]
     seed: int
+    num_steps: int = 1  # schedule(num_steps): multi-step decode when > 1
 
 
 @st.composite
@@ -110,6 +113,7 @@ def workloads(draw, max_reqs: int = 8) -> Workload:
         asynchronous=draw(st.booleans()),
         reqs=reqs,
         seed=draw(st.integers(0, 2**32 - 1)),
+        num_steps=draw(st.sampled_from([1, 1, 3])),
     )
 
 
@@ -123,6 +127,7 @@ class FakeDevice:
         self.truth: dict[int, list[int]] = {}  # seq_id -> prompt + every token sampled for it
 
     def run(self, out: SchedulerOutput) -> dict[int, list[int]]:
+        """{seq_id: sampled tokens}; a multi-step chunk's list holds its num_steps tokens."""
         ps = self.page_size
         sampled: dict[int, list[int]] = {}
         for chunk in out.chunks:
@@ -131,9 +136,27 @@ class FakeDevice:
             end = chunk.start + chunk.num_tokens
             assert seq.status is SequenceStatus.RUNNING and chunk.num_tokens >= 1
             assert 0 not in seq.page_ids and len(seq.page_ids) * ps >= end
+            if chunk.num_steps > 1:
+                assert chunk.samples and chunk.num_tokens == 1 and chunk.start == len(truth) - 1
+                assert len(seq.page_ids) * ps >= chunk.start + chunk.num_steps
+                if chunk.from_device:  # its input: the newest sample, unknown to the host
+                    assert seq.num_tokens <= chunk.start
+                else:  # its input: the newest known token
+                    assert seq.num_tokens == chunk.start + 1
+                    assert seq.all_token_ids[chunk.start] == truth[chunk.start]
+                sampled[seq.seq_id] = tokens = []
+                for pos in range(chunk.start, chunk.start + chunk.num_steps):
+                    self.kv[seq.page_ids[pos // ps], pos % ps] = truth[pos]
+                    got = [int(self.kv[seq.page_ids[p // ps], p % ps]) for p in range(pos + 1)]
+                    assert got == truth[: pos + 1], f"KV of seq {seq.seq_id} is corrupt"
+                    tokens.append(EOS if self.rng.random() < 0.08 else self.rng.randrange(VOCAB))
+                    truth.append(tokens[-1])
+                continue
             if chunk.from_device:
-                # The one input token not yet known to the host: the newest device sample.
-                assert chunk.num_tokens == 1 and chunk.start == seq.num_tokens == len(truth) - 1
+                # The input token not yet known to the host: the newest device sample (behind a
+                # multi-step chunk, the host may not know its earlier samples either).
+                assert chunk.num_tokens == 1 and chunk.start == len(truth) - 1
+                assert seq.num_tokens <= chunk.start
             else:
                 assert end <= seq.num_tokens
                 assert seq.all_token_ids[chunk.start : end] == truth[chunk.start : end]
@@ -150,7 +173,9 @@ class FakeDevice:
         return sampled
 
 
-def check_invariants(s: Scheduler, seqs: list[Sequence], asynchronous: bool) -> None:
+def check_invariants(
+    s: Scheduler, seqs: list[Sequence], asynchronous: bool, num_steps: int = 1
+) -> None:
     bm = s.block_manager
     bm.check_invariants()
     holders = [0] * bm.num_pages
@@ -167,9 +192,11 @@ def check_invariants(s: Scheduler, seqs: list[Sequence], asynchronous: bool) -> 
             assert q.page_ids == []
             if q.status is SequenceStatus.WAITING:
                 assert q in s.waiting and q.num_computed_tokens == 0
-        # At most one token the host does not know is ever an input.
-        assert q.num_computed_tokens <= q.num_tokens + 1
-        assert 0 <= q.num_pending <= (2 if asynchronous else 1)
+        # At most one token the host does not know is ever an input (a multi-step chunk's
+        # inputs past its first are its own samples).
+        if num_steps == 1:
+            assert q.num_computed_tokens <= q.num_tokens + 1
+        assert 0 <= q.num_pending <= (2 if asynchronous else 1) * num_steps
         assert q.num_output_tokens <= q.max_tokens
     for p in range(1, bm.num_pages):
         assert bm.ref_count(p) == holders[p], f"page {p}: ref {bm.ref_count(p)} != {holders[p]}"
@@ -237,23 +264,36 @@ def run_workload(wl: Workload) -> tuple[Scheduler, list[Sequence]]:
                     req_of[q.seq_id] = r
             if r.abort_step == step:
                 s.abort(f"req-{r_idx}")
-        check_invariants(s, seqs, wl.asynchronous)
+        check_invariants(s, seqs, wl.asynchronous, wl.num_steps)
 
-        out = s.schedule()
+        out = s.schedule(wl.num_steps)
         assert out.num_batched_tokens == sum(c.num_tokens for c in out.chunks) <= wl.budget
         assert len({c.seq.seq_id for c in out.chunks}) == len(out.chunks)
-        check_invariants(s, seqs, wl.asynchronous)
+        assert out.num_steps == max((c.num_steps for c in out.chunks), default=1) or (
+            out.num_steps == wl.num_steps
+        )
+        check_invariants(s, seqs, wl.asynchronous, wl.num_steps)
         results = device.run(out)
 
         if wl.asynchronous:
             results, inflight = inflight, results
         if results:
-            up = s.update(results)
-            for q in up.updated:
+            single = {i: t for i, t in results.items() if len(t) == 1}
+            updated = s.update(single).updated
+            for seq_id, tokens in results.items():
+                if len(tokens) > 1:  # a multi-step chunk's tokens, as LLMEngine gives them
+                    q = s.take_tokens(seq_id, len(tokens))
+                    if q is not None:
+                        for t in tokens:
+                            if s.accept(q, t) is not None:
+                                break
+                        s.cache_new_pages(q)
+                        updated.append(q)
+            for q in updated:
                 if not q.is_finished and rng.random() < req_of[q.seq_id].text_stop_prob:
                     s.finish(q, FinishReason.STOP)  # a stop string, decided by the caller
                     text_stopped.add(q.seq_id)
-            check_invariants(s, seqs, wl.asynchronous)
+            check_invariants(s, seqs, wl.asynchronous, wl.num_steps)
 
         arrivals_done = step >= max(r.arrival_step for r in wl.reqs)
         if arrivals_done and not s.has_work() and not inflight:
