@@ -10,20 +10,26 @@ from rtpjax.sampling_params import SamplingParams
 from rtpjax.sharding.mesh import make_mesh
 
 
-def test_full_warm_up_leaves_nothing_to_compile_for_plain_traffic():
+def warmed_engine(**overrides) -> LLMEngine:
+    """The tiny preset's engine with GPU step shapes (rows tied to the token bucket, small exact
+    decode buckets, cuDNN fresh and prefix prefill apart from other prefills), after the server's
+    full warm-up."""
     cfg = preset("tiny")
     mesh = make_mesh(1)
-    config = EngineConfig(
-        max_model_len=48, max_num_seqs=8, max_num_batched_tokens=64, page_size=8, num_pages=120
-    )
+    kw = dict(max_model_len=48, max_num_seqs=8, max_num_batched_tokens=64, page_size=8)
+    config = EngineConfig(**{**kw, **overrides}, num_pages=120)
     engine = LLMEngine(
         cfg, random_params(cfg, jnp.float32, mesh), None, mesh, config, num_pages=120
     )
-    # Step shapes as on a GPU: rows tied to the token bucket, small exact decode buckets, fresh
-    # prefills apart from prefills over cached KV.
     runner = engine.runner
     runner.tight_rows, runner.small_decode, runner.cudnn_prefill = False, True, True
     warm_up(engine, full=True)
+    return engine
+
+
+def test_full_warm_up_leaves_nothing_to_compile_for_plain_traffic():
+    engine = warmed_engine()
+    runner = engine.runner
     warmed = runner.num_compiled_variants
     # Greedy and sampled each: one-row prefill and decode, decode rows 2/4/8, fresh token
     # buckets 32/64, mixed token buckets 16/32/64, one-row prefix-prefill token buckets 16/32/64.
@@ -54,22 +60,8 @@ def test_full_warm_up_leaves_nothing_to_compile_for_plain_traffic():
 def test_full_warm_up_compiles_the_multi_step_variants():
     """With num_scheduler_steps, every decode row bucket also gets its multi-step variant (greedy
     and sampled), and long decodes after the warm-up compile nothing new."""
-    cfg = preset("tiny")
-    mesh = make_mesh(1)
-    config = EngineConfig(
-        max_model_len=64,
-        max_num_seqs=8,
-        max_num_batched_tokens=64,
-        page_size=8,
-        num_pages=120,
-        num_scheduler_steps=4,
-    )
-    engine = LLMEngine(
-        cfg, random_params(cfg, jnp.float32, mesh), None, mesh, config, num_pages=120
-    )
+    engine = warmed_engine(max_model_len=64, num_scheduler_steps=4)
     runner = engine.runner
-    runner.tight_rows, runner.small_decode, runner.cudnn_prefill = False, True, True
-    warm_up(engine, full=True)
     warmed = runner.num_compiled_variants
     multi = [s for _, s in runner._out_layouts if s.num_steps > 1]
     # The plain variants as above, plus a multi-step one per decode row bucket 1/2/4/8, twice.
