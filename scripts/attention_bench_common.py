@@ -1,0 +1,161 @@
+"""Helpers shared by scripts/bench_attention.py's sections: logging, timing, the HBM copy
+ceiling, random paged problems, the kernels under test, the reference and relative errors.
+
+INTERPRET (set by bench_attention.py --smoke) runs the GPU kernel in interpret mode on tiny shapes,
+a CPU check of the benchmark itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from rtpjax.kernels import ragged_paged_attention as rpa
+from rtpjax.kernels import ragged_paged_attention_gpu as gpu
+
+T0 = time.time()
+LOG: list[str] = []
+INTERPRET = False  # --smoke (see the module docstring)
+
+
+def say(msg: str) -> None:
+    line = f"[{time.time() - T0:6.1f}s] {msg}"
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def median_time(fn, *args, reps: int = 5) -> float:
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 2 GiB elementwise pass (the decode ceiling)."""
+    x = jax.random.normal(jax.random.key(0), (1 << (20 if INTERPRET else 30),), jnp.bfloat16)
+    iters = 20
+
+    @jax.jit
+    def f(x):
+        return lax.fori_loop(0, iters, lambda i, y: y + jnp.bfloat16(1), x)
+
+    t = median_time(f, x) / iters
+    return 2 * x.nbytes / t
+
+
+def loop_overhead(iters: int = 200) -> float:
+    x = jnp.ones((256, 32, 128), jnp.bfloat16)
+
+    @jax.jit
+    def f(x):
+        return lax.fori_loop(0, iters, lambda i, y: y * jnp.bfloat16(1.0001), x)
+
+    return median_time(f, x) / iters
+
+
+# ----------------------------------------------------------------------------- problem setup
+
+
+def make_problem(rng, q_lens, kv_lens, *, K=8, G=4, H=128, page_size=16, dtype=jnp.bfloat16,
+                 B=None, T=None, sets=1, nan_fill=True):  # fmt: skip
+    """Random paged problem; `sets` page tables over disjoint shuffled page sets."""
+    n = len(q_lens)
+    B = B or n
+    pages = [-(-k // page_size) for k in kv_lens]
+    pps = max(pages)
+    P = sets * sum(pages) + 1
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    page_elems = page_size * 2 * K * H
+    if P * page_elems <= (1 << 31):
+        kv = jax.random.normal(key, (P, page_size, 2 * K, H), dtype)
+    else:  # huge pools: tile 2^31 random values (generating all at once needs 2x the memory)
+        blk = jax.random.normal(key, ((1 << 31) // page_elems, page_size, 2 * K, H), dtype)
+        kv = jnp.tile(blk, (-(-P // blk.shape[0]), 1, 1, 1))[:P]
+    if nan_fill:  # page 0 (the null page) holds NaN: a stray read shows
+        kv = kv.at[0].set(jnp.nan)
+    perm = rng.permutation(np.arange(1, P)).astype(np.int32)
+    tables = np.zeros((sets, B, pps), np.int32)
+    c = 0
+    for s in range(sets):
+        for b, np_ in enumerate(pages):
+            tables[s, b, :np_] = perm[c : c + np_]
+            c += np_
+    T = T or sum(q_lens)
+    q = jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), (T, K * G, H), dtype)
+    cu = np.zeros(B + 1, np.int32)
+    cu[1 : n + 1] = np.cumsum(q_lens)
+    cu[n + 1 :] = cu[n]
+    kvl = np.zeros(B, np.int32)
+    kvl[:n] = kv_lens
+    return dict(
+        q=q, kv=kv, kv_lens=jnp.asarray(kvl), tables=jnp.asarray(tables), cu=jnp.asarray(cu),
+        ns=jnp.asarray([n], jnp.int32),
+    )  # fmt: skip
+
+
+def attn_fn(impl: str, config=None, **kw):
+    if impl == "gpu":
+        return lambda q, kv, kl, pt, cu, ns: gpu.gpu_ragged_paged_attention(
+            q, kv, kl, pt, cu, ns, config=config, interpret=INTERPRET, **kw
+        )
+    return lambda q, kv, kl, pt, cu, ns: rpa.ragged_paged_attention(
+        q, kv, kl, pt, cu, ns, impl=impl, **kw
+    )
+
+
+def timed(pr, fn, iters: int, unroll: bool = False) -> float:
+    """Seconds per call: `iters` chained calls in a fori_loop, or (unroll) in straight-line code,
+    which is what the engine's jitted step runs (no per-iteration loop control)."""
+    sets = pr["tables"].shape[0]
+
+    @jax.jit
+    def loop(q, kv, kl, tables, cu, ns):
+        def body(i, q):
+            out = fn(q, kv, kl, tables[i % sets], cu, ns)
+            return q + out * jnp.zeros((), out.dtype)  # a real dependency, numerically a no-op
+
+        if unroll:
+            for i in range(iters):
+                q = body(i, q)
+            return q
+        return lax.fori_loop(0, iters, body, q)
+
+    args = (pr["q"], pr["kv"], pr["kv_lens"], pr["tables"], pr["cu"], pr["ns"])
+    return median_time(loop, *args) / iters
+
+
+def reference(pr, **kw) -> jax.Array:
+    args = (pr["q"], pr["kv"], pr["kv_lens"], pr["tables"][0], pr["cu"], pr["ns"])
+    return jax.jit(lambda *a: rpa.ref_ragged_paged_attention(*a, **kw))(*args)
+
+
+def rel_err(out, ref, n_valid: int) -> tuple[float, bool]:
+    o = np.asarray(out[:n_valid], np.float64)
+    r = np.asarray(ref[:n_valid], np.float64)
+    tail_ok = bool(np.isfinite(np.asarray(out[n_valid:], np.float32)).all())
+    if not np.isfinite(o).all():
+        return float("nan"), tail_ok
+    return float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30)), tail_ok
+
+
+def check(pr, fn, ref=None, **kw) -> float:
+    args = (pr["q"], pr["kv"], pr["kv_lens"], pr["tables"][0], pr["cu"], pr["ns"])
+    out = jax.jit(fn)(*args)
+    if ref is None:
+        ref = reference(pr, **kw)
+    err, tail_ok = rel_err(out, ref, int(pr["cu"][int(pr["ns"][0])]))
+    if not tail_ok:
+        return float("nan")
+    return err
