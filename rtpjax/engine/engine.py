@@ -385,14 +385,8 @@ class LLMEngine:
                 m.num_cached_tokens = max(m.num_cached_tokens, seq.num_cached_tokens)
             detok, stop = state.detok, req.params.stop
             toks = ids[r][: counts[r]]
-            if (
-                detok is None
-                and state.logprobs is None
-                and seq.num_output_tokens + len(toks) < seq.max_tokens
-                and seq.ending_ids.isdisjoint(toks)
-            ):  # no token can end it and none needs text or logprobs: append them at once
-                seq.output_token_ids += toks
-                seq.all_token_ids.extend(toks)
+            # No token needs text or logprobs, and none can end it: append them at once.
+            if detok is None and state.logprobs is None and sched.accept_all(seq, toks):
                 m.token_times.extend([now] * len(toks))
                 sched.cache_new_pages(seq)
                 changed[req.request_id] = req

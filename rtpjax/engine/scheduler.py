@@ -21,8 +21,9 @@ Multi-step decode (schedule(num_steps=K), vLLM's num_scheduler_steps): when ever
 is decoding (one token left to compute) and no waiting sequence could be admitted (none waits, or
 max_num_seqs run), each chunk gets `num_steps` = min(K, outputs it may still produce): the device
 computes its input token, samples, feeds the sample back as the next input, K times in one launch.
-Pages are allocated for all K positions up front. update_tokens() then takes up to K tokens per
-sequence; the ones after a stop are dropped (their KV was written into pages the sequence frees).
+Pages are allocated for all K positions up front. take_tokens() and accept() (or accept_all())
+then take up to K tokens per sequence; the ones after a stop are dropped (their KV was written
+into pages the sequence frees).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class SchedulerOutput(NamedTuple):
     # Scheduled sequences whose page_ids changed in this schedule() (pages added, or admitted):
     # every other scheduled sequence holds the pages it held when last scheduled.
     paged: list[Sequence]
-    num_steps: int = 1  # multi-step decode: the most steps of any chunk (1: an ordinary step)
+    num_steps: int = 1  # multi-step decode: K iterations in this launch (1: an ordinary step)
     num_step_tokens: int = 0  # multi-step decode: tokens all chunks sample together
 
 
@@ -241,8 +242,6 @@ class Scheduler:
             steps = 1
             if multi:  # n == 1; it may still produce max_tokens - (outputs + pending) tokens
                 steps = min(num_steps, seq.max_tokens - seq.num_output_tokens - seq.num_pending)
-                max_steps = max(max_steps, steps)
-                step_tokens += steps
             # Most decode steps stay inside the last page: the allocator is asked only when the
             # chunk reaches past the pages the sequence holds.
             if seq.num_computed_tokens + steps * n > len(seq.page_ids) * page_size:
@@ -259,6 +258,8 @@ class Scheduler:
                 seq.page_ids += bm.allocate(need)
                 paged.append(seq)
             chunks.append(self._advance(seq, n, from_device, steps))
+            max_steps = max(max_steps, steps)
+            step_tokens += steps
             budget -= n
             i += 1
 
@@ -485,6 +486,18 @@ class Scheduler:
                 self.finish(seq, reason)
                 return reason
         return None
+
+    def accept_all(self, seq: Sequence, tokens: list[int]) -> bool:
+        """Append all of `tokens` (after take_tokens) when none of them can end the sequence (no
+        ending id, max_tokens not reached) and return True; else append nothing and return False
+        (give them one by one with accept())."""
+        if len(seq.output_token_ids) + len(tokens) >= seq.max_tokens or not (
+            seq.ending_ids.isdisjoint(tokens)
+        ):
+            return False
+        seq.output_token_ids += tokens
+        seq.all_token_ids.extend(tokens)
+        return True
 
     def cache_new_pages(self, seq: Sequence) -> None:
         """After accept(): register the pages the new tokens filled in the prefix cache."""
