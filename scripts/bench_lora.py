@@ -46,10 +46,13 @@ sys.path.insert(0, ROOT)
 
 from rtpjax.kernels import lora  # noqa: E402
 from rtpjax.kernels import lora_gpu as lg  # noqa: E402
+from rtpjax.kernels import lora_linear as ll  # noqa: E402
+from rtpjax.kernels import lora_matmul_mgpu as mm  # noqa: E402
 
 T0 = time.time()
 LOG: list[str] = []
 SMOKE = False
+SMOKE_GEMM = mm.GemmConfig(tile_m=64, tile_n=64, tile_k=32, stages=2, epi=32, snake_width=2)
 
 
 def say(msg: str) -> None:
@@ -118,6 +121,18 @@ class WithBase:
         return lora.lora_delta_with(self.be, x, a, b, gs, sc, base=base)
 
 
+class Fused:
+    """The layer as one call: lora_linear (base GEMM + LoRA expand fused on Hopper)."""
+
+    def __init__(self, gemm_config: mm.GemmConfig, impl: str = "fused"):
+        self.cfg, self.impl = gemm_config, impl
+
+    def layer(self, W, gs, sc):
+        return lambda x, a, b: ll.lora_linear(
+            x, W, a, b, gs, sc, impl=self.impl, gemm_config=self.cfg, interpret=SMOKE
+        )
+
+
 def op_xla(x, a, b, gs, sc):
     return lora.lora_delta(x, a, b, gs, sc, impl="xla")
 
@@ -138,6 +153,8 @@ def op_gather_einsum(x, a, b, gs, sc):
 
 
 def _layer(op, W, gs, sc, with_base: bool):
+    if isinstance(op, Fused):
+        return op.layer(W, gs, sc)
     if isinstance(op, WithBase):
         return lambda x, a, b: op(x @ W, x, a, b, gs, sc)
     if with_base:
@@ -276,7 +293,7 @@ def floors(T: int, D: int, R: int, G: int, bw: float) -> dict:
 
 
 def table(bw: float, variants: dict, Gs=(1, 8, 64), alone: bool = True) -> list[dict]:
-    T, D, R = (4096, 4096, 16) if not SMOKE else (64, 32, 16)
+    T, D, R = (4096, 4096, 16) if not SMOKE else (128, 128, 16)
     rows = []
     base_f, base_fb = base_fns()
     for G in Gs:
@@ -286,7 +303,7 @@ def table(bw: float, variants: dict, Gs=(1, 8, 64), alone: bool = True) -> list[
             try:
                 fns = {"base_f": base_f, "lora_f": fwd_fn(op, True), "base_fb": base_fb,
                        "lora_fb": fb_fn(op, True)}  # fmt: skip
-                if alone and not isinstance(op, WithBase):
+                if alone and not isinstance(op, (WithBase, Fused)):
                     fns |= {"alone_f": fwd_fn(op, False), "alone_fb": fb_fn(op, False)}
                 t = timed(fns, dict.fromkeys(fns, ops))
             except Exception as e:  # a variant that fails is reported, not fatal
@@ -324,6 +341,100 @@ def fusion_report(config: lg.LoraGpuConfig) -> dict:
     n_fusions = hlo.count(" fusion(")
     say(f"fusion: GEMM with beta=1 in the forward: {beta1}; fusions in the program: {n_fusions}")
     return {"gemm_beta_1": beta1, "fusions": n_fusions, "hlo_tail": hlo[-4000:]}
+
+
+# ------------------------------------------------------------------- the fused GEMM + LoRA
+
+
+GEMM_CONFIGS = {
+    "m128n128k64s3": mm.GemmConfig(),
+    "m128n128k64s3w16": mm.GemmConfig(snake_width=16),
+    "m128n128k64s3mM": mm.GemmConfig(snake_minor="m"),
+    "m128n128k32s6": mm.GemmConfig(tile_k=32, stages=6),
+    "m128n64k64s4": mm.GemmConfig(tile_n=64, stages=4),
+}
+
+
+def gemm_section() -> list[dict]:
+    """The fused kernel as a plain GEMM (no visits) against XLA's x @ W and dy @ W^T: what the
+    kernel itself costs before any LoRA work (4096^3 bf16)."""
+    D = 4096 if not SMOKE else 128
+    k = jax.random.split(jax.random.key(7), 3)
+    x = jax.random.normal(k[0], (D, D), jnp.bfloat16)
+    W = (jax.random.normal(k[1], (D, D), jnp.float32) / np.sqrt(D)).astype(jnp.bfloat16)
+    e = jnp.zeros((1, 16, D), jnp.bfloat16)
+    configs = GEMM_CONFIGS if not SMOKE else {"smoke": SMOKE_GEMM}
+    fns = {"xla": jax.jit(lambda x, W: x @ W), "xla_t": jax.jit(lambda x, W: x @ W.T)}
+    for name, cfg in configs.items():
+        V = mm.num_visits(D, 1, cfg)
+        hv = jnp.zeros((V, cfg.tile_m, 16), jnp.bfloat16)
+        vs = jnp.zeros((D // cfg.tile_m + 1,), jnp.int32)
+        sl = jnp.zeros((V,), jnp.int32)
+        for tw in (False, True):
+            fns[f"{name}{'_t' if tw else ''}"] = jax.jit(
+                lambda x, W, cfg=cfg, tw=tw, hv=hv, vs=vs, sl=sl: mm.matmul_expand(
+                    x, W, hv, e, vs, sl, transpose_w=tw, cfg=cfg, interpret=SMOKE))  # fmt: skip
+    rows, ok = [], {}
+    ref = np.asarray(fns["xla"](x, W), np.float32)
+    for name, f in list(fns.items()):
+        try:
+            got = np.asarray(f(x, W), np.float32)
+            want = ref if not name.endswith("_t") else np.asarray(fns["xla_t"](x, W), np.float32)
+            ok[name] = _rel(got, want)
+        except Exception as ex:  # a config that does not compile is reported, not fatal
+            say(f"gemm {name}: FAILED {type(ex).__name__}: {str(ex)[:300]}")
+            del fns[name]
+    t = timed(fns, dict.fromkeys(fns, (x, W)))
+    for name, sec in t.items():
+        row = {"name": name, "us": sec * 1e6, "tflops": 2 * D**3 / sec / 1e12, "rel_err": ok[name]}
+        rows.append(row)
+        say(f"gemm {name:22s} {row['us']:8.1f} us {row['tflops']:6.0f} TFLOP/s "
+            f"rel err vs XLA {row['rel_err']:.1e}")  # fmt: skip
+    return rows
+
+
+def fused_check() -> list[dict]:
+    """lora_linear's fused path (values and grads of x, W, a, b, scale) against the float32
+    reference `ref_lora_delta(..., base=x @ W)`: per-slot ranks, an empty slot, tail rows."""
+    shapes = [(1024, 1024, 16, 768, 8, 37), (4096, 4096, 16, 4096, 64, 0)]
+    cfg = mm.DEFAULT_CONFIG
+    if SMOKE:
+        shapes, cfg = [(128, 128, 16, 128, 3, 5)], SMOKE_GEMM
+    rows = []
+    for T, I, R, O, G, tail in shapes:
+        rng = np.random.default_rng(T + 1)
+        sizes = rng.multinomial(T - tail, np.ones(G) / G).astype(np.int32)
+        sizes[G // 2] = 0
+        rk = jnp.asarray(rng.integers(1, R + 1, size=G).astype(np.int32))
+        k = jax.random.split(jax.random.key(T), 5)
+        x = jax.random.normal(k[0], (T, I), jnp.bfloat16)
+        W = (jax.random.normal(k[4], (I, O)) / np.sqrt(I)).astype(jnp.bfloat16)
+        a = (jax.random.normal(k[1], (G, I, R)) / np.sqrt(I)).astype(jnp.bfloat16)
+        b = jax.random.normal(k[2], (G, R, O)).astype(jnp.bfloat16)
+        dy = jax.random.normal(k[3], (T, O), jnp.bfloat16)
+        gs, sc = jnp.asarray(sizes), jnp.asarray(rng.uniform(0.5, 2, G), jnp.float32)
+
+        def run(f, *ops):
+            y, vjp = jax.vjp(f, *ops)
+            return (y, *vjp(dy.astype(y.dtype)))
+
+        f32 = [v.astype(jnp.float32) for v in (x, W, a, b)]
+        want = jax.jit(lambda *o: run(lambda x, W, a, b, sc: lora.ref_lora_delta(
+            x, a, b, gs, sc, rank=rk, base=x @ W), *o))(*f32, sc)  # fmt: skip
+        got = jax.jit(lambda *o: run(lambda x, W, a, b, sc: ll.lora_linear(
+            x, W, a, b, gs, sc, rank=rk, impl="fused", gemm_config=cfg, interpret=SMOKE),
+            *o))(x, W, a, b, sc)  # fmt: skip
+        errs = {n: _rel(g_, w_) for n, g_, w_ in
+                zip(("y", "dx", "dW", "da", "db", "dscale"), got, want, strict=True)}  # fmt: skip
+        tail_ok = True
+        if tail:
+            base = np.asarray(x @ W, np.float32)[T - tail :]
+            tail_ok = bool((np.asarray(got[0], np.float32)[T - tail :] == base).all())
+        ok = tail_ok and max(errs.values()) < 1e-2
+        rows.append({"shape": [T, I, R, O, G], "tail": tail, "rel_err": errs, "ok": bool(ok)})
+        es = " ".join(f"{n} {e:.1e}" for n, e in errs.items())
+        say(f"fused check T{T} I{I} R{R} O{O} G{G} tail {tail}: {es} -> {'ok' if ok else 'FAIL'}")
+    return rows
 
 
 # ---------------------------------------------------------------------------------- sweep
@@ -498,6 +609,8 @@ def main() -> None:
     steps = [("ceilings", ceilings)]
     if not args.no_check:
         steps.append(("correctness", lambda: correctness(config, args.quick_check)))
+        steps.append(("fused_check", fused_check))
+    steps.append(("gemm", gemm_section))
     for name, fn in steps:
         try:
             result[name] = fn()
@@ -527,6 +640,7 @@ def main() -> None:
                 shrink_t=dataclasses.replace(config.shrink_t, splits=1),
             )
         ),
+        "fused": Fused(SMOKE_GEMM if SMOKE else mm.DEFAULT_CONFIG),
         "xla": op_xla,
         "ragged_dot": op_ragged_dot,
         "gather_einsum": op_gather_einsum,

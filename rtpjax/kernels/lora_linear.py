@@ -1,0 +1,185 @@
+"""A linear layer with batched multi-LoRA: y = x @ W + lora_delta(x, a, b, ...), W frozen.
+
+`lora_linear` is what a LoRA-wrapped projection computes. Where it can, it runs the base GEMM
+and the LoRA expand as one kernel (`lora_matmul_mgpu.matmul_expand`, Hopper): the forward is
+the shrink s = x @ A_g (lora_gpu's kernel, a pass over x) and then one GEMM whose epilogue adds
+scale·s @ B_g; the backward's dx = dy @ W^T + du @ A_g^T is the same fused GEMM with W
+transposed, and dA, dB come from lora_gpu's grouped kernels. Everywhere else it is
+`lora_delta(x, a, b, ..., base=x @ W)`: the same values through the unfused operator.
+
+Rows are sorted by adapter slot as in lora_delta (group_sizes; rows past the groups get only
+x @ W).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rtpjax.kernels import lora
+from rtpjax.kernels import lora_gpu as lg
+from rtpjax.kernels import lora_matmul_mgpu as mm
+
+Impl = Literal["auto", "fused", "unfused"]
+IMPLS = ("auto", "fused", "unfused")
+
+
+def visits(m: lora.GroupMeta, T: int, tile_m: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The (row tile, slot) pairs the fused GEMM's epilogue walks (see Visits); all on device.
+
+    Rows are sorted by slot, so a tile holds the slots row_slot[first row] .. row_slot[last row].
+    Empty slots in between get a visit of zeros (harmless); the tail (slot G) gets none.
+    """
+    G = m.starts.shape[0]
+    n_t = T // tile_m
+    first_row = jnp.arange(n_t, dtype=jnp.int32) * tile_m
+    first = m.row_slot[first_row]  # i32[n_t], G for a tile that starts in the tail
+    last = jnp.minimum(m.row_slot[first_row + tile_m - 1], G - 1)
+    count = jnp.where(first < G, last - first + 1, 0)  # i32[n_t]
+    start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(count, dtype=jnp.int32)])
+    V = mm.num_visits(T, G, mm.GemmConfig(tile_m=tile_m))
+    v = jnp.arange(V, dtype=jnp.int32)
+    tile = jnp.minimum(jnp.sum(start[1:][None, :] <= v[:, None], axis=1, dtype=jnp.int32), n_t - 1)
+    slot = jnp.clip(first[tile] + v - start[tile], 0, G - 1)
+    return start, slot.astype(jnp.int32), tile
+
+
+def visit_rows(h: jax.Array, m: lora.GroupMeta, vis, tile_m: int) -> jax.Array:
+    """[V, tile_m, R]: for each visit, its tile's rows of h where the row is in the visit's slot,
+    zeros elsewhere (one gather + select, ~(T/tile_m + G)·tile_m·R elements)."""
+    _, slot, tile = vis
+    rows = tile[:, None] * tile_m + jnp.arange(tile_m, dtype=jnp.int32)[None, :]  # i32[V, tm]
+    own = m.row_slot[rows] == slot[:, None]  # bool[V, tm]
+    return jnp.where(own[..., None], h[rows], jnp.zeros((), h.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _fused(x, w, a, b, group_sizes, scale, rank, gcfg, lcfg, interpret):
+    return _fused_fwd(x, w, a, b, group_sizes, scale, rank, gcfg, lcfg, interpret)[0]
+
+
+def _meta(x, a, group_sizes, scale, rank):
+    return lora.group_meta(group_sizes, scale, rank, x.shape[0], a.shape[2])
+
+
+def _fused_fwd(x, w, a, b, group_sizes, scale, rank, gcfg, lcfg, interpret):
+    m = _meta(x, a, group_sizes, scale, rank)
+    R = a.shape[2]
+    s = lg.gmm(x, a, m, False, jnp.float32, cfg=lcfg.fwd, interpret=interpret)
+    s = jnp.where(lora.live_mask(m, R), s, 0.0)  # f32[T, R], unscaled
+    h = (s * lora.row_scale(m)[:, None]).astype(x.dtype)
+    vis = visits(m, x.shape[0], gcfg.tile_m)
+    _, bm = lora._rank_masked(a, b, m)
+    y = mm.matmul_expand(
+        x, w, visit_rows(h, m, vis, gcfg.tile_m), bm.astype(x.dtype), vis[0], vis[1],
+        cfg=gcfg, interpret=interpret,
+    )  # fmt: skip
+    return y, (x, w, a, b, group_sizes, scale, rank, s)
+
+
+def _fused_bwd(gcfg, lcfg, interpret, res, dy):
+    x, w, a, b, group_sizes, scale, rank, s = res
+    m = _meta(x, a, group_sizes, scale, rank)
+    G, _, R = a.shape
+    am, bm = lora._rank_masked(a, b, m)
+    u = lg.gmm(dy, bm, m, True, jnp.float32, cfg=lcfg.shrink_t, interpret=interpret)
+    u = jnp.where(lora.live_mask(m, R), u, 0.0)  # f32[T, R]
+    rs = lora.row_scale(m)[:, None]
+    du = (u * rs).astype(x.dtype)
+    vis = visits(m, x.shape[0], gcfg.tile_m)
+    dx = mm.matmul_expand(
+        dy.astype(x.dtype), w, visit_rows(du, m, vis, gcfg.tile_m),
+        jnp.swapaxes(am, 1, 2).astype(x.dtype), vis[0], vis[1],
+        transpose_w=True, cfg=gcfg, interpret=interpret,
+    )  # fmt: skip
+    da = lg.tgmm(x, du, m, G, a.dtype, cfg=lcfg.tgmm, interpret=interpret)
+    db = lg.tgmm((s * rs).astype(dy.dtype), dy, m, G, b.dtype, cfg=lcfg.tgmm, interpret=interpret)
+    # W is frozen in LoRA training; its gradient is here for completeness, and XLA drops it
+    # when nobody asks for it.
+    dw = jnp.einsum("TI,TO->IO", x, dy, preferred_element_type=jnp.float32).astype(w.dtype)
+    dscale = jax.ops.segment_sum(jnp.sum(s * u, axis=1), m.row_slot, num_segments=G + 1)[:G]
+    float0 = lambda v: None if v is None else np.zeros(v.shape, jax.dtypes.float0)
+    return dx, dw, da, db, float0(group_sizes), dscale.astype(scale.dtype), float0(rank)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_supported(x: jax.Array, w: jax.Array, a: jax.Array, cfg: mm.GemmConfig) -> bool:
+    T, I = x.shape
+    O = w.shape[1]
+    return (
+        x.dtype == w.dtype
+        and mm.supports(T, O, I, a.shape[2], x.dtype, cfg)
+        and mm.supports(T, I, O, a.shape[2], x.dtype, cfg)  # the backward's dx = dy @ W^T
+    )
+
+
+def resolve_impl(impl: str, x, w, a, cfg: mm.GemmConfig) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    on_hopper = jax.default_backend() in ("gpu", "cuda") and _is_hopper()
+    return "fused" if on_hopper and fused_supported(x, w, a, cfg) else "unfused"
+
+
+@functools.cache
+def _is_hopper() -> bool:
+    cc = getattr(jax.devices()[0], "compute_capability", "")
+    return str(cc).startswith("9")
+
+
+def lora_linear(
+    x: jax.Array,  # [T, I]
+    w: jax.Array,  # [I, O], frozen
+    a: jax.Array,  # [G, I, R]
+    b: jax.Array,  # [G, R, O]
+    group_sizes: jax.Array,  # i32[G]
+    scale: jax.Array,  # f32[G]
+    *,
+    rank: jax.Array | None = None,  # i32[G]
+    impl: Impl = "auto",
+    gemm_config: mm.GemmConfig | None = None,
+    lora_config: lg.LoraGpuConfig | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:  # [T, O] in x.dtype
+    """x @ w + lora_delta(x, a, b, group_sizes, scale, rank=rank) (rows sorted by slot).
+
+    impl: "fused" runs the base GEMM and the LoRA expand as one Hopper kernel (forward and the
+    backward's dx); "unfused" is lora_delta(..., base=x @ w); "auto" picks "fused" on a Hopper
+    GPU for shapes it tiles (T a multiple of 128, I and O of 256, rank a multiple of 16 up to
+    128, bf16/f16), else "unfused". Differentiable in x, w, a, b and scale. interpret (default:
+    off a GPU) runs the fused kernels in Pallas interpret mode.
+    """
+    if x.ndim != 2 or w.ndim != 2 or w.shape[0] != x.shape[1]:
+        raise ValueError(
+            f"lora_linear: x.shape={x.shape} and w.shape={w.shape} must be [T, I] and [I, O]"
+        )
+    lora.validate_inputs(x, a, b, group_sizes, scale, rank, "auto", None)
+    if b.shape[2] != w.shape[1]:
+        raise ValueError(f"lora_linear: b.shape={b.shape} must end in O={w.shape[1]} (w's columns)")
+    gcfg = gemm_config or mm.DEFAULT_CONFIG
+    path = resolve_impl(impl, x, w, a, gcfg)
+    if path == "unfused":
+        return lora.lora_delta(x, a, b, group_sizes, scale, rank=rank, base=x @ w)
+    if not fused_supported(x, w, a, gcfg):
+        raise ValueError(
+            f"lora_linear(impl='fused'): x {x.shape} {x.dtype}, w {w.shape} {w.dtype}, rank "
+            f"{a.shape[2]} not tiled by {gcfg} (T % {gcfg.tile_m}, I and O % {2 * gcfg.tile_n}, "
+            "rank % 16, bf16/f16)"
+        )
+    if interpret is None:
+        interpret = jax.default_backend() not in ("gpu", "cuda")
+    scale = jnp.asarray(scale)
+    if not jnp.issubdtype(scale.dtype, jnp.floating):
+        scale = scale.astype(jnp.float32)
+    rank = None if rank is None else rank.astype(jnp.int32)
+    return _fused(
+        x, w, a, b, group_sizes.astype(jnp.int32), scale, rank,
+        gcfg, lora_config or lg.DEFAULT_CONFIG, bool(interpret),
+    )  # fmt: skip

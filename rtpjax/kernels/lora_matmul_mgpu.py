@@ -1,0 +1,246 @@
+"""The base GEMM with the LoRA expand in its epilogue, for Hopper GPUs (Pallas, Mosaic GPU).
+
+    y[M, N] = x[M, K] @ W  +  sum over visits v of tile(v): h_vis[v] @ e[slot(v)]
+
+W is [K, N] (`transpose_w=False`, the forward `x @ W`) or [N, K] (`transpose_w=True`, the
+backward `dy @ W^T` with W stored [in, out]). Rows come in tiles of `tile_m`; a *visit* is one
+(row tile, adapter slot) pair: `h_vis[v]` [tile_m, R] holds the rank-space activations of the
+tile's rows that belong to the slot (other rows zero, scale already applied), and `e[slot]`
+[R, N] is the slot's expand matrix (B in the forward, A^T in the backward). `visit_start[m]` ..
+`visit_start[m + 1]` are tile m's visits; `visit_slot[v]` their slots. lora_linear.py builds
+these from group sizes.
+
+Why this shape: an unfused LoRA costs a full pass over y (read y, add delta, write y: 67 MB at
+4096 x 4096 bf16, ~24 us), more than the 10% of a 0.19 ms GEMM that issue 7 allows. Here the
+expand is one more wgmma per visit on the accumulator that is still in registers: R·tile_n
+bytes of e and tile_m·R of h per visit, read once per output tile.
+
+Structure: a persistent kernel, one CTA per SM walking output tiles in a snake order (L2 reuse of
+x rows and W columns). Three warpgroups: one issues the TMA loads of x and W tiles into a ring of
+`stages` shared-memory slots; two compute warpgroups each own `tile_n` of the CTA's `2 * tile_n`
+columns, run wgmma over K, then the visits, then store through shared memory by TMA in
+`epi x epi` pieces (double-buffered so a store overlaps the next piece's conversion).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+_COMPUTE_WGS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Tile shapes of the fused GEMM (one CTA covers tile_m x 2·tile_n of y)."""
+
+    tile_m: int = 128
+    tile_n: int = 128  # per compute warpgroup
+    tile_k: int = 64
+    stages: int = 3  # x/W tiles in flight; 4 does not fit beside the visit buffers at R = 16
+    epi: int = 64  # the store's square piece
+    snake_width: int = 8  # output tiles per band of the snake
+    snake_minor: str = "n"  # "n": walk a band of row tiles across the columns; "m": the reverse
+
+    def __post_init__(self) -> None:
+        if self.tile_m % 64 or self.tile_n % 64 or self.tile_k % 16 or self.stages < 2:
+            raise ValueError(f"GemmConfig {self} needs tile_m, tile_n multiples of 64, ")
+        if self.tile_m % self.epi or self.tile_n % self.epi:
+            raise ValueError(f"GemmConfig.epi={self.epi} must divide tile_m and tile_n")
+        if self.snake_minor not in ("m", "n"):
+            raise ValueError(f"GemmConfig.snake_minor={self.snake_minor!r} must be 'm' or 'n'")
+
+
+DEFAULT_CONFIG = GemmConfig()
+
+_SMEM_BYTES = 227 * 1024  # Hopper's opt-in shared memory per block
+
+
+def smem_bytes(cfg: GemmConfig, R: int, itemsize: int = 2) -> int:
+    ring = cfg.stages * (cfg.tile_m * cfg.tile_k + cfg.tile_k * 2 * cfg.tile_n) * itemsize
+    out = _COMPUTE_WGS * 2 * cfg.epi * cfg.epi * itemsize
+    visits = _COMPUTE_WGS * (cfg.tile_m * R + R * cfg.tile_n) * itemsize
+    return ring + out + visits
+
+
+def supports(M: int, N: int, K: int, R: int, dtype, cfg: GemmConfig = DEFAULT_CONFIG) -> bool:
+    """Shapes this kernel tiles exactly (no masking): the caller falls back otherwise."""
+    dtype = jnp.dtype(dtype)
+    return (
+        dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and M % cfg.tile_m == 0
+        and N % (_COMPUTE_WGS * cfg.tile_n) == 0
+        and K % cfg.tile_k == 0
+        and R % 16 == 0
+        and 16 <= R <= 128
+        and smem_bytes(cfg, R, dtype.itemsize) <= _SMEM_BYTES
+    )
+
+
+def num_visits(M: int, G: int, cfg: GemmConfig = DEFAULT_CONFIG) -> int:
+    """Upper bound on visits: every row tile once, plus one more per slot boundary."""
+    return M // cfg.tile_m + G
+
+
+def _transforms(cols: int, itemsize: int) -> tuple:
+    """TMA/wgmma shared-memory layout for a tile whose minor dimension has `cols` elements."""
+    swizzle = plgpu.find_swizzle(cols * itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _num_sms() -> int:
+    dev = jax.devices()[0]
+    return getattr(dev, "core_count", None) or 132
+
+
+@functools.partial(jax.jit, static_argnames=("transpose_w", "cfg", "interpret", "num_sms"))
+def matmul_expand(
+    x: jax.Array,  # [M, K]
+    w: jax.Array,  # [K, N], or [N, K] with transpose_w
+    h_vis: jax.Array,  # [V, tile_m, R]
+    e: jax.Array,  # [G, R, N]
+    visit_start: jax.Array,  # i32[M // tile_m + 1]
+    visit_slot: jax.Array,  # i32[V]
+    *,
+    transpose_w: bool = False,
+    cfg: GemmConfig = DEFAULT_CONFIG,
+    interpret: bool = False,
+    num_sms: int | None = None,
+) -> jax.Array:  # [M, N] in x.dtype
+    """x @ W (or x @ W^T) plus the visits' h_vis[v] @ e[slot(v)], in one kernel (see module)."""
+    M, K = x.shape
+    N = w.shape[0] if transpose_w else w.shape[1]
+    Kw = w.shape[1] if transpose_w else w.shape[0]
+    _, tm, R = h_vis.shape
+    if Kw != K or tm != cfg.tile_m or e.shape[1:] != (R, N) or x.dtype != w.dtype:
+        raise ValueError(
+            f"matmul_expand: x {x.shape} {x.dtype}, w {w.shape} {w.dtype} (transpose_w="
+            f"{transpose_w}), h_vis {h_vis.shape}, e {e.shape} do not fit together"
+        )
+    if not supports(M, N, K, R, x.dtype, cfg):
+        raise ValueError(f"matmul_expand: shape M={M} N={N} K={K} R={R} not covered by {cfg}")
+    dtype = x.dtype
+    isz = jnp.dtype(dtype).itemsize
+    tile_m, tile_n, tile_k, epi = cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.epi
+    cta_n = _COMPUTE_WGS * tile_n
+    m_tiles, n_tiles, k_steps = M // tile_m, N // cta_n, K // tile_k
+    op_tr = _transforms(tile_k, isz)  # x tiles [tile_m, tile_k]; W^T tiles [cta_n, tile_k]
+    w_tr = op_tr if transpose_w else _transforms(cta_n, isz)  # W tiles [tile_k, cta_n]
+    h_tr = _transforms(R, isz)
+    e_tr = _transforms(tile_n, isz)
+    out_tr = _transforms(epi, isz)
+    minor = 1 if cfg.snake_minor == "n" else 0
+
+    x_spec = plgpu.BlockSpec(
+        (tile_m, tile_k), lambda k: (0, k), transforms=op_tr, memory_space=plgpu.SMEM
+    )
+    if transpose_w:
+        w_spec = plgpu.BlockSpec(
+            (cta_n, tile_k), lambda k: (0, k), transforms=w_tr, memory_space=plgpu.SMEM
+        )
+    else:
+        w_spec = plgpu.BlockSpec(
+            (tile_k, cta_n), lambda k: (k, 0), transforms=w_tr, memory_space=plgpu.SMEM
+        )
+
+    def pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_steps,),
+            memory_registers=40,
+            in_specs=[x_spec, w_spec],
+            wg_axis="wg",
+            num_compute_wgs=_COMPUTE_WGS,
+            max_concurrent_steps=cfg.stages,
+            compute_context=compute_context,
+        )
+
+    def kernel(x_g, w_g, h_g, e_g, vstart_g, vslot_g, y_g):
+        unused = lambda *a, **k: None
+
+        @functools.partial(
+            pl.run_scoped,
+            ring=pipeline(unused, unused).get_allocations(x_g, w_g),
+            out_smem=plgpu.SMEM((_COMPUTE_WGS, 2, epi, epi), dtype, transforms=out_tr),
+            h_smem=plgpu.SMEM((_COMPUTE_WGS, tile_m, R), dtype, transforms=h_tr),
+            e_smem=plgpu.SMEM((_COMPUTE_WGS, R, tile_n), dtype, transforms=e_tr),
+            bars=plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS),
+            collective_axes="wg",
+        )
+        def scope(ring, out_smem, h_smem, e_smem, bars):
+            wg = lax.axis_index("wg")
+
+            @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
+            def tile_loop(info: plgpu.NDLoopInfo):
+                (lin,) = info.index
+                mi, ni = plgpu.planar_snake(lin, (m_tiles, n_tiles), minor, cfg.snake_width)
+                rows = pl.ds(mi * tile_m, tile_m)
+                cols = pl.ds(ni * cta_n, cta_n)
+                my_cols = pl.ds(ni * cta_n + wg * tile_n, tile_n)  # this warpgroup's columns
+                local = pl.ds(wg * tile_n, tile_n)
+
+                def mma(_, x_s, w_s, acc):
+                    w_t = w_s.at[local, :].transpose((1, 0)) if transpose_w else w_s.at[:, local]
+                    plgpu.wgmma(acc, x_s, w_t)
+                    plgpu.wgmma_wait(0)
+                    return acc
+
+                def expand(v, acc):
+                    slot = vslot_g[v]
+                    plgpu.copy_gmem_to_smem(h_g.at[v], h_smem.at[wg], bars.at[2 * wg])
+                    plgpu.copy_gmem_to_smem(
+                        e_g.at[slot, :, my_cols], e_smem.at[wg], bars.at[2 * wg + 1]
+                    )
+                    plgpu.barrier_wait(bars.at[2 * wg])
+                    plgpu.barrier_wait(bars.at[2 * wg + 1])
+                    plgpu.wgmma(acc, h_smem.at[wg], e_smem.at[wg])
+                    plgpu.wgmma_wait(0)
+
+                def compute_context(run_pipeline):
+                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_m, tile_n), jnp.float32))
+                    def _(acc):
+                        run_pipeline(acc)
+                        lax.fori_loop(
+                            vstart_g[mi], vstart_g[mi + 1], lambda v, c: expand(v, acc) or c, 0
+                        )
+                        y = acc[...].astype(dtype)
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        piece = 0
+                        for pm in range(tile_m // epi):
+                            for pn in range(tile_n // epi):
+                                slot = piece % 2
+                                piece += 1
+                                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                                piece_rows = slice(pm * epi, (pm + 1) * epi)
+                                out_smem[wg, slot] = y[piece_rows, pn * epi : (pn + 1) * epi]
+                                plgpu.commit_smem()
+                                plgpu.copy_smem_to_gmem(
+                                    out_smem.at[wg, slot],
+                                    y_g.at[rows, my_cols].at[
+                                        pl.ds(pm * epi, epi), pl.ds(pn * epi, epi)
+                                    ],
+                                )
+
+                w_view = w_g.at[cols, :] if transpose_w else w_g.at[:, cols]
+                pipeline(mma, compute_context)(x_g.at[rows, :], w_view, allocations=ring)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    grid = min(num_sms or _num_sms(), m_tiles * n_tiles)
+    call = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((M, N), dtype),
+        grid=(grid,),
+        grid_names=("sm",),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    return call(x, w, h_vis, e, visit_start.astype(jnp.int32), visit_slot.astype(jnp.int32))

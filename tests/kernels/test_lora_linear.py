@@ -1,0 +1,148 @@
+"""lora_linear (x @ W + LoRA, the expand fused into the GEMM on Hopper) against the reference.
+
+The fused kernel runs in Mosaic GPU interpret mode here: tiles are shrunk so that a few hundred
+rows straddle slots, visit a tile several times and leave a tail of rows with no adapter.
+"""
+
+# ruff: noqa: E741
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rtpjax.kernels import lora
+from rtpjax.kernels import lora_linear as ll
+from rtpjax.kernels import lora_matmul_mgpu as mm
+
+SMALL = mm.GemmConfig(tile_m=64, tile_n=64, tile_k=32, stages=2, epi=32, snake_width=2)
+
+
+def _case(seed, T=256, I=128, O=256, R=16, sizes=(70, 0, 100, 30, 20), dtype=jnp.bfloat16):
+    """Operands with an empty slot, per-slot ranks, NaN in a and b past each slot's rank (never
+    to be read) and T - sum(sizes) tail rows."""
+    G = len(sizes)
+    rng = np.random.default_rng(seed)
+    rank = rng.integers(1, R + 1, size=G).astype(np.int32)
+    rank[0] = R
+    k = jax.random.split(jax.random.key(seed), 5)
+    x = jax.random.normal(k[0], (T, I), jnp.float32).astype(dtype)
+    w = (jax.random.normal(k[1], (I, O), jnp.float32) / np.sqrt(I)).astype(dtype)
+    a = jax.random.normal(k[2], (G, I, R), jnp.float32) / np.sqrt(I)
+    b = jax.random.normal(k[3], (G, R, O), jnp.float32)
+    past = jnp.arange(R)[None, :] >= jnp.asarray(rank)[:, None]
+    a = jnp.where(past[:, None, :], jnp.nan, a).astype(dtype)
+    b = jnp.where(past[:, :, None], jnp.nan, b).astype(dtype)
+    dy = jax.random.normal(k[4], (T, O), jnp.float32).astype(dtype)
+    scale = jnp.asarray(rng.uniform(-2, 2, size=G), jnp.float32)
+    return x, w, a, b, jnp.asarray(np.array(sizes, np.int32)), scale, jnp.asarray(rank), dy
+
+
+def _vjp(f, dy, *ops):
+    y, back = jax.vjp(f, *ops)
+    return (y, *back(dy.astype(y.dtype)))
+
+
+def _rel(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+
+
+def _reference(x, w, a, b, gs, scale, rank, dy):
+    past = jnp.arange(a.shape[2])[None, :] >= rank[:, None]
+    a = jnp.where(past[:, None, :], 0, a.astype(jnp.float32))
+    b = jnp.where(past[:, :, None], 0, b.astype(jnp.float32))
+    f = lambda x, w, a, b, s: lora.ref_lora_delta(x, a, b, gs, s, rank=rank, base=x @ w)
+    return _vjp(f, dy, x.astype(jnp.float32), w.astype(jnp.float32), a, b, scale)
+
+
+@pytest.mark.parametrize("sizes", [(70, 0, 100, 30, 20), (256,), (10, 20, 30, 40, 50, 60, 46)])
+def test_fused_matches_reference(sizes):
+    x, w, a, b, gs, scale, rank, dy = _case(sum(sizes), sizes=sizes)
+    f = lambda x, w, a, b, s: ll.lora_linear(
+        x, w, a, b, gs, s, rank=rank, impl="fused", gemm_config=SMALL, interpret=True
+    )
+    got = _vjp(f, dy, x, w, a, b, scale)
+    want = _reference(x, w, a, b, gs, scale, rank, dy)
+    for name, g, wv in zip(("y", "dx", "dw", "da", "db", "dscale"), got, want, strict=True):
+        assert np.isfinite(np.asarray(g, np.float32)).all(), name
+        assert _rel(g, wv) < 2e-2, (name, _rel(g, wv))
+    # Rows past the groups are the base product alone, exactly as the kernel computes x @ W.
+    used = int(sum(sizes))
+    if used < x.shape[0]:
+        base = ll.lora_linear(x, w, a, b, gs * 0, scale, rank=rank, impl="fused",
+                              gemm_config=SMALL, interpret=True)  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(got[0])[used:], np.asarray(base)[used:])
+
+
+def test_fused_equals_unfused_path():
+    x, w, a, b, gs, scale, rank, dy = _case(3)
+    kw = dict(rank=rank, gemm_config=SMALL, interpret=True)
+    fused = _vjp(lambda x, a, b: ll.lora_linear(x, w, a, b, gs, scale, impl="fused", **kw), dy,
+                 x, a, b)  # fmt: skip
+    unfused = _vjp(lambda x, a, b: ll.lora_linear(x, w, a, b, gs, scale, impl="unfused", **kw),
+                   dy, x, a, b)  # fmt: skip
+    for g, u in zip(fused, unfused, strict=True):
+        assert _rel(g, u) < 1e-2
+
+
+def test_visits_cover_each_row_once():
+    """Every (row, slot) pair appears in exactly one visit of the row's tile; tails in none."""
+    T, tm = 320, 64
+    sizes = jnp.asarray([0, 5, 64, 1, 0, 130, 40], jnp.int32)  # 240 rows, 80 in the tail
+    G = sizes.shape[0]
+    m = lora.group_meta(sizes, jnp.ones((G,), jnp.float32), None, T, 16)
+    start, slot, tile = (np.asarray(v) for v in ll.visits(m, T, tm))
+    assert start.shape == (T // tm + 1,) and slot.shape == (T // tm + G,)
+    row_slot = np.asarray(m.row_slot)
+    seen = np.zeros(T, int)
+    for t in range(T // tm):
+        for v in range(start[t], start[t + 1]):
+            assert tile[v] == t
+            rows = np.arange(t * tm, (t + 1) * tm)
+            seen[rows] += row_slot[rows] == slot[v]
+    np.testing.assert_array_equal(seen, (row_slot < G).astype(int))
+
+
+def test_kernel_visit_sum():
+    """matmul_expand adds each visit's h @ e[slot] to its tile, forward and transposed W."""
+    cfg = SMALL
+    M, N, K, R, G = 192, 256, 96, 16, 3
+    k = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(k[0], (M, K), jnp.bfloat16)
+    w = jax.random.normal(k[1], (K, N), jnp.bfloat16)
+    e = jax.random.normal(k[2], (G, R, N), jnp.bfloat16)
+    hv = jax.random.normal(k[3], (5, 64, R), jnp.bfloat16)
+    start = jnp.array([0, 2, 3, 3], jnp.int32)  # tile 0: slots 0, 1; tile 1: slot 2; tile 2: none
+    slot = jnp.array([0, 1, 2, 0, 0], jnp.int32)
+    f = lambda v: np.asarray(v, np.float32)
+    want = f(x) @ f(w)
+    want[0:64] += f(hv[0]) @ f(e[0]) + f(hv[1]) @ f(e[1])
+    want[64:128] += f(hv[2]) @ f(e[2])
+    for transpose_w in (False, True):
+        wt = w.T if transpose_w else w
+        got = mm.matmul_expand(
+            x, wt, hv, e, start, slot, transpose_w=transpose_w, cfg=cfg, interpret=True, num_sms=4
+        )
+        assert _rel(got, want) < 5e-3
+
+
+def test_auto_and_errors():
+    x, w, a, b, gs, scale, rank, _ = _case(1)
+    assert ll.resolve_impl("auto", x, w, a, SMALL) == "unfused"  # CPU
+    assert ll.fused_supported(x, w, a, SMALL)
+    assert not ll.fused_supported(x[:100], w, a, SMALL)  # T % tile_m
+    with pytest.raises(ValueError, match="impl="):
+        ll.lora_linear(x, w, a, b, gs, scale, impl="triton")
+    with pytest.raises(ValueError, match="not tiled"):
+        ll.lora_linear(x[:100], w, a, b, gs * 0, scale, impl="fused", gemm_config=SMALL)
+    with pytest.raises(ValueError, match=r"w\.shape"):
+        ll.lora_linear(x, w.T[:, :100], a, b, gs, scale)
+    with pytest.raises(ValueError, match="GemmConfig"):
+        mm.GemmConfig(tile_m=96)
+    # auto on CPU is the unfused operator with base = x @ w: the same values as the reference
+    got = ll.lora_linear(x, w, a, b, gs, scale, rank=rank)
+    want = _reference(x, w, a, b, gs, scale, rank, jnp.zeros((x.shape[0], w.shape[1])))[0]
+    assert _rel(got, want) < 2e-2
