@@ -52,7 +52,9 @@ from rtpjax.kernels import lora_matmul_mgpu as mm  # noqa: E402
 T0 = time.time()
 LOG: list[str] = []
 SMOKE = False
-SMOKE_GEMM = mm.GemmConfig(tile_m=64, tile_n=64, tile_k=32, stages=2, epi=32, snake_width=2)
+SMOKE_GEMM = mm.GemmConfig(
+    tile_m=64, tile_n=64, tile_k=32, stages=2, epi=32, snake_width=2, wg_split="n"
+)
 
 
 def say(msg: str) -> None:
@@ -347,11 +349,12 @@ def fusion_report(config: lg.LoraGpuConfig) -> dict:
 
 
 GEMM_CONFIGS = {
-    "m128n128k64s3": mm.GemmConfig(),
-    "m128n128k64s3w16": mm.GemmConfig(snake_width=16),
-    "m128n128k64s3mM": mm.GemmConfig(snake_minor="m"),
-    "m128n128k32s6": mm.GemmConfig(tile_k=32, stages=6),
-    "m128n64k64s4": mm.GemmConfig(tile_n=64, stages=4),
+    "wgM_minM_w8": mm.GemmConfig(),
+    "wgN_minM_w8": mm.GemmConfig(wg_split="n"),
+    "wgM_minN_w8": mm.GemmConfig(snake_minor="n"),
+    "wgM_minM_w16": mm.GemmConfig(snake_width=16),
+    "wgM_k32s6": mm.GemmConfig(tile_k=32, stages=6),
+    "wgM_n64s4": mm.GemmConfig(tile_n=64, stages=4),
 }
 
 
@@ -366,7 +369,7 @@ def gemm_section() -> list[dict]:
     configs = GEMM_CONFIGS if not SMOKE else {"smoke": SMOKE_GEMM}
     fns = {"xla": jax.jit(lambda x, W: x @ W), "xla_t": jax.jit(lambda x, W: x @ W.T)}
     for name, cfg in configs.items():
-        V = mm.num_visits(D, 1, cfg)
+        V = mm.num_visits(D, 1, cfg.tile_m)
         hv = jnp.zeros((V, cfg.tile_m, 16), jnp.bfloat16)
         vs = jnp.zeros((D // cfg.tile_m + 1,), jnp.int32)
         sl = jnp.zeros((V,), jnp.int32)

@@ -41,7 +41,7 @@ def visits(m: lora.GroupMeta, T: int, tile_m: int) -> tuple[jax.Array, jax.Array
     last = jnp.minimum(m.row_slot[first_row + tile_m - 1], G - 1)
     count = jnp.where(first < G, last - first + 1, 0)  # i32[n_t]
     start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(count, dtype=jnp.int32)])
-    V = mm.num_visits(T, G, mm.GemmConfig(tile_m=tile_m))
+    V = mm.num_visits(T, G, tile_m)
     v = jnp.arange(V, dtype=jnp.int32)
     tile = jnp.minimum(jnp.sum(start[1:][None, :] <= v[:, None], axis=1, dtype=jnp.int32), n_t - 1)
     slot = jnp.clip(first[tile] + v - start[tile], 0, G - 1)
@@ -152,9 +152,9 @@ def lora_linear(
 
     impl: "fused" runs the base GEMM and the LoRA expand as one Hopper kernel (forward and the
     backward's dx); "unfused" is lora_delta(..., base=x @ w); "auto" picks "fused" on a Hopper
-    GPU for shapes it tiles (T a multiple of 128, I and O of 256, rank a multiple of 16 up to
-    128, bf16/f16), else "unfused". Differentiable in x, w, a, b and scale. interpret (default:
-    off a GPU) runs the fused kernels in Pallas interpret mode.
+    GPU for shapes it tiles (default tiles: T a multiple of 256, I and O of 128, rank a multiple
+    of 16 up to 128, bf16/f16), else "unfused". Differentiable in x, w, a, b and scale.
+    interpret (default: off a GPU) runs the fused kernels in Pallas interpret mode.
     """
     if x.ndim != 2 or w.ndim != 2 or w.shape[0] != x.shape[1]:
         raise ValueError(
@@ -170,7 +170,7 @@ def lora_linear(
     if not fused_supported(x, w, a, gcfg):
         raise ValueError(
             f"lora_linear(impl='fused'): x {x.shape} {x.dtype}, w {w.shape} {w.dtype}, rank "
-            f"{a.shape[2]} not tiled by {gcfg} (T % {gcfg.tile_m}, I and O % {2 * gcfg.tile_n}, "
+            f"{a.shape[2]} not tiled by {gcfg} (T % {gcfg.cta_m}, I and O % {gcfg.cta_n}, "
             "rank % 16, bf16/f16)"
         )
     if interpret is None:

@@ -17,9 +17,10 @@ bytes of e and tile_m·R of h per visit, read once per output tile.
 
 Structure: a persistent kernel, one CTA per SM walking output tiles in a snake order (L2 reuse of
 x rows and W columns). Three warpgroups: one issues the TMA loads of x and W tiles into a ring of
-`stages` shared-memory slots; two compute warpgroups each own `tile_n` of the CTA's `2 * tile_n`
-columns, run wgmma over K, then the visits, then store through shared memory by TMA in
-`epi x epi` pieces (double-buffered so a store overlaps the next piece's conversion).
+`stages` shared-memory slots; two compute warpgroups each own a tile_m x tile_n piece of the
+CTA's tile (`wg_split="m"`: stacked rows, the CTA covers 2·tile_m x tile_n; `"n"`: side by side,
+tile_m x 2·tile_n), run wgmma over K, then their visits, then store through shared memory by TMA
+in `epi x epi` pieces (double-buffered so a store overlaps the next piece's conversion).
 """
 
 from __future__ import annotations
@@ -38,23 +39,34 @@ _COMPUTE_WGS = 2
 
 @dataclasses.dataclass(frozen=True)
 class GemmConfig:
-    """Tile shapes of the fused GEMM (one CTA covers tile_m x 2·tile_n of y)."""
+    """Tile shapes of the fused GEMM. Each compute warpgroup owns tile_m x tile_n of y; the CTA
+    two of them, stacked (wg_split "m") or side by side ("n")."""
 
     tile_m: int = 128
-    tile_n: int = 128  # per compute warpgroup
+    tile_n: int = 128
     tile_k: int = 64
     stages: int = 3  # x/W tiles in flight; 4 does not fit beside the visit buffers at R = 16
     epi: int = 64  # the store's square piece
     snake_width: int = 8  # output tiles per band of the snake
-    snake_minor: str = "n"  # "n": walk a band of row tiles across the columns; "m": the reverse
+    snake_minor: str = "m"  # planar_snake's minor dimension
+    wg_split: str = "m"
+
+    @property
+    def cta_m(self) -> int:
+        return self.tile_m * (_COMPUTE_WGS if self.wg_split == "m" else 1)
+
+    @property
+    def cta_n(self) -> int:
+        return self.tile_n * (_COMPUTE_WGS if self.wg_split == "n" else 1)
 
     def __post_init__(self) -> None:
         if self.tile_m % 64 or self.tile_n % 64 or self.tile_k % 16 or self.stages < 2:
             raise ValueError(f"GemmConfig {self} needs tile_m, tile_n multiples of 64, ")
         if self.tile_m % self.epi or self.tile_n % self.epi:
             raise ValueError(f"GemmConfig.epi={self.epi} must divide tile_m and tile_n")
-        if self.snake_minor not in ("m", "n"):
-            raise ValueError(f"GemmConfig.snake_minor={self.snake_minor!r} must be 'm' or 'n'")
+        for name in ("snake_minor", "wg_split"):
+            if getattr(self, name) not in ("m", "n"):
+                raise ValueError(f"GemmConfig.{name}={getattr(self, name)!r} must be 'm' or 'n'")
 
 
 DEFAULT_CONFIG = GemmConfig()
@@ -63,7 +75,7 @@ _SMEM_BYTES = 227 * 1024  # Hopper's opt-in shared memory per block
 
 
 def smem_bytes(cfg: GemmConfig, R: int, itemsize: int = 2) -> int:
-    ring = cfg.stages * (cfg.tile_m * cfg.tile_k + cfg.tile_k * 2 * cfg.tile_n) * itemsize
+    ring = cfg.stages * (cfg.cta_m * cfg.tile_k + cfg.tile_k * cfg.cta_n) * itemsize
     out = _COMPUTE_WGS * 2 * cfg.epi * cfg.epi * itemsize
     visits = _COMPUTE_WGS * (cfg.tile_m * R + R * cfg.tile_n) * itemsize
     return ring + out + visits
@@ -74,8 +86,8 @@ def supports(M: int, N: int, K: int, R: int, dtype, cfg: GemmConfig = DEFAULT_CO
     dtype = jnp.dtype(dtype)
     return (
         dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        and M % cfg.tile_m == 0
-        and N % (_COMPUTE_WGS * cfg.tile_n) == 0
+        and M % cfg.cta_m == 0
+        and N % cfg.cta_n == 0
         and K % cfg.tile_k == 0
         and R % 16 == 0
         and 16 <= R <= 128
@@ -83,9 +95,9 @@ def supports(M: int, N: int, K: int, R: int, dtype, cfg: GemmConfig = DEFAULT_CO
     )
 
 
-def num_visits(M: int, G: int, cfg: GemmConfig = DEFAULT_CONFIG) -> int:
+def num_visits(M: int, G: int, tile_m: int) -> int:
     """Upper bound on visits: every row tile once, plus one more per slot boundary."""
-    return M // cfg.tile_m + G
+    return M // tile_m + G
 
 
 def _transforms(cols: int, itemsize: int) -> tuple:
@@ -128,9 +140,9 @@ def matmul_expand(
     dtype = x.dtype
     isz = jnp.dtype(dtype).itemsize
     tile_m, tile_n, tile_k, epi = cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.epi
-    cta_n = _COMPUTE_WGS * tile_n
-    m_tiles, n_tiles, k_steps = M // tile_m, N // cta_n, K // tile_k
-    op_tr = _transforms(tile_k, isz)  # x tiles [tile_m, tile_k]; W^T tiles [cta_n, tile_k]
+    cta_m, cta_n, split_m = cfg.cta_m, cfg.cta_n, cfg.wg_split == "m"
+    m_tiles, n_tiles, k_steps = M // cta_m, N // cta_n, K // tile_k
+    op_tr = _transforms(tile_k, isz)  # x tiles [cta_m, tile_k]; W^T tiles [cta_n, tile_k]
     w_tr = op_tr if transpose_w else _transforms(cta_n, isz)  # W tiles [tile_k, cta_n]
     h_tr = _transforms(R, isz)
     e_tr = _transforms(tile_n, isz)
@@ -138,7 +150,7 @@ def matmul_expand(
     minor = 1 if cfg.snake_minor == "n" else 0
 
     x_spec = plgpu.BlockSpec(
-        (tile_m, tile_k), lambda k: (0, k), transforms=op_tr, memory_space=plgpu.SMEM
+        (cta_m, tile_k), lambda k: (0, k), transforms=op_tr, memory_space=plgpu.SMEM
     )
     if transpose_w:
         w_spec = plgpu.BlockSpec(
@@ -180,14 +192,22 @@ def matmul_expand(
             def tile_loop(info: plgpu.NDLoopInfo):
                 (lin,) = info.index
                 mi, ni = plgpu.planar_snake(lin, (m_tiles, n_tiles), minor, cfg.snake_width)
-                rows = pl.ds(mi * tile_m, tile_m)
+                rows = pl.ds(mi * cta_m, cta_m)
                 cols = pl.ds(ni * cta_n, cta_n)
-                my_cols = pl.ds(ni * cta_n + wg * tile_n, tile_n)  # this warpgroup's columns
-                local = pl.ds(wg * tile_n, tile_n)
+                # This warpgroup's piece: its row tile (indexes the visits) and columns.
+                row_tile = mi * (cta_m // tile_m) + (wg if split_m else 0)
+                my_rows = pl.ds(row_tile * tile_m, tile_m)
+                my_cols = pl.ds(ni * cta_n + (0 if split_m else wg * tile_n), tile_n)
+                local_m = pl.ds(wg * tile_m, tile_m)
+                local_n = pl.ds(wg * tile_n, tile_n)
 
                 def mma(_, x_s, w_s, acc):
-                    w_t = w_s.at[local, :].transpose((1, 0)) if transpose_w else w_s.at[:, local]
-                    plgpu.wgmma(acc, x_s, w_t)
+                    x_t = x_s.at[local_m, :] if split_m else x_s
+                    if transpose_w:
+                        w_t = (w_s if split_m else w_s.at[local_n, :]).transpose((1, 0))
+                    else:
+                        w_t = w_s if split_m else w_s.at[:, local_n]
+                    plgpu.wgmma(acc, x_t, w_t)
                     plgpu.wgmma_wait(0)
                     return acc
 
@@ -207,7 +227,10 @@ def matmul_expand(
                     def _(acc):
                         run_pipeline(acc)
                         lax.fori_loop(
-                            vstart_g[mi], vstart_g[mi + 1], lambda v, c: expand(v, acc) or c, 0
+                            vstart_g[row_tile],
+                            vstart_g[row_tile + 1],
+                            lambda v, c: expand(v, acc) or c,
+                            0,
                         )
                         y = acc[...].astype(dtype)
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -222,7 +245,7 @@ def matmul_expand(
                                 plgpu.commit_smem()
                                 plgpu.copy_smem_to_gmem(
                                     out_smem.at[wg, slot],
-                                    y_g.at[rows, my_cols].at[
+                                    y_g.at[my_rows, my_cols].at[
                                         pl.ds(pm * epi, epi), pl.ds(pn * epi, epi)
                                     ],
                                 )

@@ -18,6 +18,9 @@ from rtpjax.kernels import lora_linear as ll
 from rtpjax.kernels import lora_matmul_mgpu as mm
 
 SMALL = mm.GemmConfig(tile_m=64, tile_n=64, tile_k=32, stages=2, epi=32, snake_width=2)
+SMALL_N = mm.GemmConfig(  # the two warpgroups side by side instead of stacked
+    tile_m=64, tile_n=64, tile_k=32, stages=2, epi=32, snake_width=2, wg_split="n"
+)
 
 
 def _case(seed, T=256, I=128, O=256, R=16, sizes=(70, 0, 100, 30, 20), dtype=jnp.bfloat16):
@@ -58,11 +61,15 @@ def _reference(x, w, a, b, gs, scale, rank, dy):
     return _vjp(f, dy, x.astype(jnp.float32), w.astype(jnp.float32), a, b, scale)
 
 
-@pytest.mark.parametrize("sizes", [(70, 0, 100, 30, 20), (256,), (10, 20, 30, 40, 50, 60, 46)])
-def test_fused_matches_reference(sizes):
+@pytest.mark.parametrize(
+    "sizes, cfg",
+    [((70, 0, 100, 30, 20), SMALL), ((256,), SMALL), ((10, 20, 30, 40, 50, 60, 46), SMALL),
+     ((70, 0, 100, 30, 20), SMALL_N)],
+)  # fmt: skip
+def test_fused_matches_reference(sizes, cfg):
     x, w, a, b, gs, scale, rank, dy = _case(sum(sizes), sizes=sizes)
     f = lambda x, w, a, b, s: ll.lora_linear(
-        x, w, a, b, gs, s, rank=rank, impl="fused", gemm_config=SMALL, interpret=True
+        x, w, a, b, gs, s, rank=rank, impl="fused", gemm_config=cfg, interpret=True
     )
     got = _vjp(f, dy, x, w, a, b, scale)
     want = _reference(x, w, a, b, gs, scale, rank, dy)
@@ -73,7 +80,7 @@ def test_fused_matches_reference(sizes):
     used = int(sum(sizes))
     if used < x.shape[0]:
         base = ll.lora_linear(x, w, a, b, gs * 0, scale, rank=rank, impl="fused",
-                              gemm_config=SMALL, interpret=True)  # fmt: skip
+                              gemm_config=cfg, interpret=True)  # fmt: skip
         np.testing.assert_array_equal(np.asarray(got[0])[used:], np.asarray(base)[used:])
 
 
@@ -106,21 +113,23 @@ def test_visits_cover_each_row_once():
     np.testing.assert_array_equal(seen, (row_slot < G).astype(int))
 
 
-def test_kernel_visit_sum():
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_N])
+def test_kernel_visit_sum(cfg):
     """matmul_expand adds each visit's h @ e[slot] to its tile, forward and transposed W."""
-    cfg = SMALL
-    M, N, K, R, G = 192, 256, 96, 16, 3
+    M, N, K, R, G = 256, 256, 96, 16, 3
     k = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(k[0], (M, K), jnp.bfloat16)
     w = jax.random.normal(k[1], (K, N), jnp.bfloat16)
     e = jax.random.normal(k[2], (G, R, N), jnp.bfloat16)
-    hv = jax.random.normal(k[3], (5, 64, R), jnp.bfloat16)
-    start = jnp.array([0, 2, 3, 3], jnp.int32)  # tile 0: slots 0, 1; tile 1: slot 2; tile 2: none
-    slot = jnp.array([0, 1, 2, 0, 0], jnp.int32)
+    hv = jax.random.normal(k[3], (5, 64, R), jnp.bfloat16)  # 4 + G visits at most
+    # row tile 0: slots 0, 1; tile 1: slot 2; tile 2: none; tile 3: slot 1
+    start = jnp.array([0, 2, 3, 3, 4], jnp.int32)
+    slot = jnp.array([0, 1, 2, 1, 0], jnp.int32)
     f = lambda v: np.asarray(v, np.float32)
     want = f(x) @ f(w)
     want[0:64] += f(hv[0]) @ f(e[0]) + f(hv[1]) @ f(e[1])
     want[64:128] += f(hv[2]) @ f(e[2])
+    want[192:256] += f(hv[3]) @ f(e[1])
     for transpose_w in (False, True):
         wt = w.T if transpose_w else w
         got = mm.matmul_expand(
@@ -133,7 +142,7 @@ def test_auto_and_errors():
     x, w, a, b, gs, scale, rank, _ = _case(1)
     assert ll.resolve_impl("auto", x, w, a, SMALL) == "unfused"  # CPU
     assert ll.fused_supported(x, w, a, SMALL)
-    assert not ll.fused_supported(x[:100], w, a, SMALL)  # T % tile_m
+    assert not ll.fused_supported(x[:100], w, a, SMALL)  # T % cta_m
     with pytest.raises(ValueError, match="impl="):
         ll.lora_linear(x, w, a, b, gs, scale, impl="triton")
     with pytest.raises(ValueError, match="not tiled"):
