@@ -353,7 +353,6 @@ GEMM_CONFIGS = {
     "wgN_minM_w8": mm.GemmConfig(wg_split="n"),
     "wgM_minN_w8": mm.GemmConfig(snake_minor="n"),
     "wgM_minM_w16": mm.GemmConfig(snake_width=16),
-    "wgM_k32s6": mm.GemmConfig(tile_k=32, stages=6),
     "wgM_n64s4": mm.GemmConfig(tile_n=64, stages=4),
 }
 
@@ -365,18 +364,14 @@ def gemm_section() -> list[dict]:
     k = jax.random.split(jax.random.key(7), 3)
     x = jax.random.normal(k[0], (D, D), jnp.bfloat16)
     W = (jax.random.normal(k[1], (D, D), jnp.float32) / np.sqrt(D)).astype(jnp.bfloat16)
-    e = jnp.zeros((1, 16, D), jnp.bfloat16)
     configs = GEMM_CONFIGS if not SMOKE else {"smoke": SMOKE_GEMM}
     fns = {"xla": jax.jit(lambda x, W: x @ W), "xla_t": jax.jit(lambda x, W: x @ W.T)}
     for name, cfg in configs.items():
-        V = mm.num_visits(D, 1, cfg.tile_m)
-        hv = jnp.zeros((V, cfg.tile_m, 16), jnp.bfloat16)
-        vs = jnp.zeros((D // cfg.tile_m + 1,), jnp.int32)
-        sl = jnp.zeros((V,), jnp.int32)
         for tw in (False, True):
-            fns[f"{name}{'_t' if tw else ''}"] = jax.jit(
-                lambda x, W, cfg=cfg, tw=tw, hv=hv, vs=vs, sl=sl: mm.matmul_expand(
-                    x, W, hv, e, vs, sl, transpose_w=tw, cfg=cfg, interpret=SMOKE))  # fmt: skip
+            plain = lambda x, W, cfg=cfg, tw=tw: mm.matmul_expand(
+                x, W, None, None, None, None, transpose_w=tw, cfg=cfg, interpret=SMOKE
+            )
+            fns[f"{name}{'_t' if tw else ''}"] = jax.jit(plain)
     rows, ok = [], {}
     ref = np.asarray(fns["xla"](x, W), np.float32)
     for name, f in list(fns.items()):

@@ -115,10 +115,10 @@ def _num_sms() -> int:
 def matmul_expand(
     x: jax.Array,  # [M, K]
     w: jax.Array,  # [K, N], or [N, K] with transpose_w
-    h_vis: jax.Array,  # [V, tile_m, R]
-    e: jax.Array,  # [G, R, N]
-    visit_start: jax.Array,  # i32[M // tile_m + 1]
-    visit_slot: jax.Array,  # i32[V]
+    h_vis: jax.Array | None,  # [V, tile_m, R]; None: a plain GEMM (no visits)
+    e: jax.Array | None,  # [G, R, N]
+    visit_start: jax.Array | None,  # i32[M // tile_m + 1]
+    visit_slot: jax.Array | None,  # i32[V]
     *,
     transpose_w: bool = False,
     cfg: GemmConfig = DEFAULT_CONFIG,
@@ -129,7 +129,14 @@ def matmul_expand(
     M, K = x.shape
     N = w.shape[0] if transpose_w else w.shape[1]
     Kw = w.shape[1] if transpose_w else w.shape[0]
-    _, tm, R = h_vis.shape
+    plain = h_vis is None
+    if plain:  # one visit of zeros per row tile would cost a wgmma each: compile them out
+        h_vis = jnp.zeros((1, cfg.tile_m, 16), x.dtype)
+        e = jnp.zeros((1, 16, N), x.dtype)
+        visit_start = jnp.zeros((M // cfg.tile_m + 1,), jnp.int32)
+        visit_slot = jnp.zeros((1,), jnp.int32)
+    V, tm, R = h_vis.shape
+    G = e.shape[0]
     if Kw != K or tm != cfg.tile_m or e.shape[1:] != (R, N) or x.dtype != w.dtype:
         raise ValueError(
             f"matmul_expand: x {x.shape} {x.dtype}, w {w.shape} {w.dtype} (transpose_w="
@@ -212,10 +219,12 @@ def matmul_expand(
                     return acc
 
                 def expand(v, acc):
-                    slot = vslot_g[v]
-                    plgpu.copy_gmem_to_smem(h_g.at[v], h_smem.at[wg], bars.at[2 * wg])
+                    # h and e come in as 2-D [V·tile_m, R] and [G·R, N]: the visit's rows
+                    h_rows = pl.ds(v * tile_m, tile_m)
+                    e_rows = pl.ds(vslot_g[v] * R, R)
+                    plgpu.copy_gmem_to_smem(h_g.at[h_rows, :], h_smem.at[wg], bars.at[2 * wg])
                     plgpu.copy_gmem_to_smem(
-                        e_g.at[slot, :, my_cols], e_smem.at[wg], bars.at[2 * wg + 1]
+                        e_g.at[e_rows, my_cols], e_smem.at[wg], bars.at[2 * wg + 1]
                     )
                     plgpu.barrier_wait(bars.at[2 * wg])
                     plgpu.barrier_wait(bars.at[2 * wg + 1])
@@ -226,12 +235,9 @@ def matmul_expand(
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_m, tile_n), jnp.float32))
                     def _(acc):
                         run_pipeline(acc)
-                        lax.fori_loop(
-                            vstart_g[row_tile],
-                            vstart_g[row_tile + 1],
-                            lambda v, c: expand(v, acc) or c,
-                            0,
-                        )
+                        if not plain:
+                            first, stop = vstart_g[row_tile], vstart_g[row_tile + 1]
+                            lax.fori_loop(first, stop, lambda v, c: expand(v, acc) or c, 0)
                         y = acc[...].astype(dtype)
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                         piece = 0
@@ -266,4 +272,11 @@ def matmul_expand(
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    return call(x, w, h_vis, e, visit_start.astype(jnp.int32), visit_slot.astype(jnp.int32))
+    return call(
+        x,
+        w,
+        h_vis.reshape(V * tm, R),
+        e.reshape(G * R, N),
+        visit_start.astype(jnp.int32),
+        visit_slot.astype(jnp.int32),
+    )
