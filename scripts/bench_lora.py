@@ -354,6 +354,7 @@ GEMM_CONFIGS = {
     "wgM_minN_w8": mm.GemmConfig(snake_minor="n"),
     "wgM_minM_w16": mm.GemmConfig(snake_width=16),
     "wgM_n64s4": mm.GemmConfig(tile_n=64, stages=4),
+    "wgM_k32s6": mm.GemmConfig(tile_k=32, stages=6),
 }
 
 

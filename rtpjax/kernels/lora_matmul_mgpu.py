@@ -150,9 +150,9 @@ def matmul_expand(
     cta_m, cta_n, split_m = cfg.cta_m, cfg.cta_n, cfg.wg_split == "m"
     m_tiles, n_tiles, k_steps = M // cta_m, N // cta_n, K // tile_k
     op_tr = _transforms(tile_k, isz)  # x tiles [cta_m, tile_k]; W^T tiles [cta_n, tile_k]
-    w_tr = op_tr if transpose_w else _transforms(cta_n, isz)  # W tiles [tile_k, cta_n]
-    h_tr = _transforms(R, isz)
-    e_tr = _transforms(tile_n, isz)
+    w_tr = op_tr  # W tiles too: wgmma wants one swizzle for both operands
+    # wgmma wants one swizzle for both operands: h's rows (R elements) set it for e too.
+    h_tr = e_tr = _transforms(R, isz)
     out_tr = _transforms(epi, isz)
     minor = 1 if cfg.snake_minor == "n" else 0
 
