@@ -25,6 +25,9 @@ from rtpjax.kernels import lora_gpu as lg
 from rtpjax.kernels import lora_matmul_mgpu as mm
 
 Impl = Literal["auto", "fused", "unfused"]
+# Up to this many slot-rank columns (G·R), the rank-sized products run as one dense XLA product
+# over all slots; past it, as lora_gpu's grouped kernels (see docs/kernels/lora.md).
+XLA_SMALL_MAX = 128
 IMPLS = ("auto", "fused", "unfused")
 
 
@@ -57,23 +60,39 @@ def visit_rows(h: jax.Array, m: lora.GroupMeta, vis, tile_m: int) -> jax.Array:
     return jnp.where(own[..., None], h[rows], jnp.zeros((), h.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _fused(x, w, a, b, group_sizes, scale, rank, gcfg, lcfg, interpret):
-    return _fused_fwd(x, w, a, b, group_sizes, scale, rank, gcfg, lcfg, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _fused(x, w, a, b, group_sizes, scale, rank, gcfg, lcfg, small, interpret):
+    return _fused_fwd(x, w, a, b, group_sizes, scale, rank, gcfg, lcfg, small, interpret)[0]
+
+
+def _shrink(lhs, w, m, trans, small, cfg, interpret):
+    """f32[T, R]: each row times its slot's (rank-masked) matrix, or its transpose; masked to
+    live ranks. "xla": one dense product over all slots (cheap while G·R is small), "kernel":
+    lora_gpu's grouped kernel."""
+    if small == "xla":
+        s = lora._xla_gmm(lhs, w, m, trans)
+    else:
+        s = lg.gmm(lhs, w, m, trans, jnp.float32, cfg=cfg, interpret=interpret)
+    return jnp.where(lora.live_mask(m, w.shape[1 if trans else 2]), s, 0.0)
+
+
+def _per_slot(lhs, rhs, m, G, dtype, small, cfg, interpret):
+    """[G, K, N]: per slot, the sum over its rows of lhs^T rhs (the grads of A and B)."""
+    if small == "xla":
+        return lora._xla_tgmm(lhs, rhs, m, G).astype(dtype)
+    return lg.tgmm(lhs, rhs, m, G, dtype, cfg=cfg, interpret=interpret)
 
 
 def _meta(x, a, group_sizes, scale, rank):
     return lora.group_meta(group_sizes, scale, rank, x.shape[0], a.shape[2])
 
 
-def _fused_fwd(x, w, a, b, group_sizes, scale, rank, gcfg, lcfg, interpret):
+def _fused_fwd(x, w, a, b, group_sizes, scale, rank, gcfg, lcfg, small, interpret):
     m = _meta(x, a, group_sizes, scale, rank)
-    R = a.shape[2]
-    s = lg.gmm(x, a, m, False, jnp.float32, cfg=lcfg.fwd, interpret=interpret)
-    s = jnp.where(lora.live_mask(m, R), s, 0.0)  # f32[T, R], unscaled
+    am, bm = lora._rank_masked(a, b, m)
+    s = _shrink(x, am, m, False, small, lcfg.fwd, interpret)  # f32[T, R], unscaled
     h = (s * lora.row_scale(m)[:, None]).astype(x.dtype)
     vis = visits(m, x.shape[0], gcfg.tile_m)
-    _, bm = lora._rank_masked(a, b, m)
     y = mm.matmul_expand(
         x, w, visit_rows(h, m, vis, gcfg.tile_m), bm.astype(x.dtype), vis[0], vis[1],
         cfg=gcfg, interpret=interpret,
@@ -81,13 +100,12 @@ def _fused_fwd(x, w, a, b, group_sizes, scale, rank, gcfg, lcfg, interpret):
     return y, (x, w, a, b, group_sizes, scale, rank, s)
 
 
-def _fused_bwd(gcfg, lcfg, interpret, res, dy):
+def _fused_bwd(gcfg, lcfg, small, interpret, res, dy):
     x, w, a, b, group_sizes, scale, rank, s = res
     m = _meta(x, a, group_sizes, scale, rank)
-    G, _, R = a.shape
+    G = a.shape[0]
     am, bm = lora._rank_masked(a, b, m)
-    u = lg.gmm(dy, bm, m, True, jnp.float32, cfg=lcfg.shrink_t, interpret=interpret)
-    u = jnp.where(lora.live_mask(m, R), u, 0.0)  # f32[T, R]
+    u = _shrink(dy, bm, m, True, small, lcfg.shrink_t, interpret)  # f32[T, R]
     rs = lora.row_scale(m)[:, None]
     du = (u * rs).astype(x.dtype)
     vis = visits(m, x.shape[0], gcfg.tile_m)
@@ -96,8 +114,8 @@ def _fused_bwd(gcfg, lcfg, interpret, res, dy):
         jnp.swapaxes(am, 1, 2).astype(x.dtype), vis[0], vis[1],
         transpose_w=True, cfg=gcfg, interpret=interpret,
     )  # fmt: skip
-    da = lg.tgmm(x, du, m, G, a.dtype, cfg=lcfg.tgmm, interpret=interpret)
-    db = lg.tgmm((s * rs).astype(dy.dtype), dy, m, G, b.dtype, cfg=lcfg.tgmm, interpret=interpret)
+    da = _per_slot(x, du, m, G, a.dtype, small, lcfg.tgmm, interpret)
+    db = _per_slot((s * rs).astype(dy.dtype), dy, m, G, b.dtype, small, lcfg.tgmm, interpret)
     # W is frozen in LoRA training; its gradient is here for completeness, and XLA drops it
     # when nobody asks for it.
     dw = jnp.einsum("TI,TO->IO", x, dy, preferred_element_type=jnp.float32).astype(w.dtype)
@@ -146,6 +164,7 @@ def lora_linear(
     impl: Impl = "auto",
     gemm_config: mm.GemmConfig | None = None,
     lora_config: lg.LoraGpuConfig | None = None,
+    small_ops: str = "auto",
     interpret: bool | None = None,
 ) -> jax.Array:  # [T, O] in x.dtype
     """x @ w + lora_delta(x, a, b, group_sizes, scale, rank=rank) (rows sorted by slot).
@@ -155,6 +174,11 @@ def lora_linear(
     GPU for shapes it tiles (default tiles: T a multiple of 256, I and O of 128, rank a multiple
     of 16 up to 128, bf16/f16), else "unfused". Differentiable in x, w, a, b and scale.
     interpret (default: off a GPU) runs the fused kernels in Pallas interpret mode.
+
+    small_ops (fused path): how the rank-sized products are done (the shrink s = x·A_g, the
+    backward's u = dy·B_g^T, and the grads of A and B): "kernel" = lora_gpu's grouped kernels,
+    "xla" = one dense XLA product over all slots (G·R columns, then each row keeps its own),
+    "auto" = "xla" while G·R <= XLA_SMALL_MAX, else "kernel".
     """
     if x.ndim != 2 or w.ndim != 2 or w.shape[0] != x.shape[1]:
         raise ValueError(
@@ -173,6 +197,10 @@ def lora_linear(
             f"{a.shape[2]} not tiled by {gcfg} (T % {gcfg.cta_m}, I and O % {gcfg.cta_n}, "
             "rank % 16, bf16/f16)"
         )
+    if small_ops not in ("auto", "kernel", "xla"):
+        raise ValueError(f"small_ops={small_ops!r} must be one of ('auto', 'kernel', 'xla')")
+    if small_ops == "auto":
+        small_ops = "xla" if a.shape[0] * a.shape[2] <= XLA_SMALL_MAX else "kernel"
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "cuda")
     scale = jnp.asarray(scale)
@@ -181,5 +209,5 @@ def lora_linear(
     rank = None if rank is None else rank.astype(jnp.int32)
     return _fused(
         x, w, a, b, group_sizes.astype(jnp.int32), scale, rank,
-        gcfg, lora_config or lg.DEFAULT_CONFIG, bool(interpret),
+        gcfg, lora_config or lg.DEFAULT_CONFIG, small_ops, bool(interpret),
     )  # fmt: skip

@@ -77,7 +77,7 @@ _SMEM_BYTES = 227 * 1024  # Hopper's opt-in shared memory per block
 def smem_bytes(cfg: GemmConfig, R: int, itemsize: int = 2) -> int:
     ring = cfg.stages * (cfg.cta_m * cfg.tile_k + cfg.tile_k * cfg.cta_n) * itemsize
     out = _COMPUTE_WGS * 2 * cfg.epi * cfg.epi * itemsize
-    visits = _COMPUTE_WGS * (cfg.tile_m * R + R * cfg.tile_n) * itemsize
+    visits = _COMPUTE_WGS * 2 * (cfg.tile_m * R + R * cfg.tile_n) * itemsize  # double-buffered
     return ring + out + visits
 
 
@@ -187,9 +187,9 @@ def matmul_expand(
             pl.run_scoped,
             ring=pipeline(unused, unused).get_allocations(x_g, w_g),
             out_smem=plgpu.SMEM((_COMPUTE_WGS, 2, epi, epi), dtype, transforms=out_tr),
-            h_smem=plgpu.SMEM((_COMPUTE_WGS, tile_m, R), dtype, transforms=h_tr),
-            e_smem=plgpu.SMEM((_COMPUTE_WGS, R, tile_n), dtype, transforms=e_tr),
-            bars=plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS),
+            h_smem=plgpu.SMEM((_COMPUTE_WGS, 2, tile_m, R), dtype, transforms=h_tr),
+            e_smem=plgpu.SMEM((_COMPUTE_WGS, 2, R, tile_n), dtype, transforms=e_tr),
+            bars=plgpu.Barrier(num_barriers=4 * _COMPUTE_WGS),  # (wg, buffer, h or e)
             collective_axes="wg",
         )
         def scope(ring, out_smem, h_smem, e_smem, bars):
@@ -218,26 +218,43 @@ def matmul_expand(
                     plgpu.wgmma_wait(0)
                     return acc
 
-                def expand(v, acc):
+                def fetch(v, buf):
                     # h and e come in as 2-D [V·tile_m, R] and [G·R, N]: the visit's rows
                     h_rows = pl.ds(v * tile_m, tile_m)
                     e_rows = pl.ds(vslot_g[v] * R, R)
-                    plgpu.copy_gmem_to_smem(h_g.at[h_rows, :], h_smem.at[wg], bars.at[2 * wg])
-                    plgpu.copy_gmem_to_smem(
-                        e_g.at[e_rows, my_cols], e_smem.at[wg], bars.at[2 * wg + 1]
-                    )
-                    plgpu.barrier_wait(bars.at[2 * wg])
-                    plgpu.barrier_wait(bars.at[2 * wg + 1])
-                    plgpu.wgmma(acc, h_smem.at[wg], e_smem.at[wg])
+                    bar = 4 * wg + 2 * buf
+                    h_dst, e_dst = h_smem.at[wg, buf], e_smem.at[wg, buf]
+                    plgpu.copy_gmem_to_smem(h_g.at[h_rows, :], h_dst, bars.at[bar])
+                    plgpu.copy_gmem_to_smem(e_g.at[e_rows, my_cols], e_dst, bars.at[bar + 1])
+
+                def expand(v, first, stop, acc):
+                    # Visit v's operands are in buffer (v - first) % 2; the next visit's load
+                    # goes into the other one while this wgmma runs.
+                    buf = lax.rem(v - first, 2)
+
+                    @pl.when(v + 1 < stop)
+                    def _():
+                        fetch(v + 1, 1 - buf)
+
+                    plgpu.barrier_wait(bars.at[4 * wg + 2 * buf])
+                    plgpu.barrier_wait(bars.at[4 * wg + 2 * buf + 1])
+                    plgpu.wgmma(acc, h_smem.at[wg, buf], e_smem.at[wg, buf])
                     plgpu.wgmma_wait(0)
 
                 def compute_context(run_pipeline):
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_m, tile_n), jnp.float32))
                     def _(acc):
-                        run_pipeline(acc)
                         if not plain:
                             first, stop = vstart_g[row_tile], vstart_g[row_tile + 1]
-                            lax.fori_loop(first, stop, lambda v, c: expand(v, acc) or c, 0)
+
+                            @pl.when(first < stop)
+                            def _():  # the tile's first visit loads while the K loop runs
+                                fetch(first, 0)
+
+                        run_pipeline(acc)
+                        if not plain:
+                            body = lambda v, c: expand(v, first, stop, acc) or c
+                            lax.fori_loop(first, stop, body, 0)
                         y = acc[...].astype(dtype)
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                         piece = 0

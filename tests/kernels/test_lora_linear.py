@@ -62,15 +62,16 @@ def _reference(x, w, a, b, gs, scale, rank, dy):
 
 
 @pytest.mark.parametrize(
-    "sizes, cfg",
-    [((70, 0, 100, 30, 20), SMALL), ((256,), SMALL), ((10, 20, 30, 40, 50, 60, 46), SMALL),
-     ((70, 0, 100, 30, 20), SMALL_N)],
+    "sizes, cfg, small_ops",
+    [((70, 0, 100, 30, 20), SMALL, "xla"), ((256,), SMALL, "xla"),
+     ((10, 20, 30, 40, 50, 60, 46), SMALL, "kernel"), ((70, 0, 100, 30, 20), SMALL_N, "kernel")],
 )  # fmt: skip
-def test_fused_matches_reference(sizes, cfg):
+def test_fused_matches_reference(sizes, cfg, small_ops):
     x, w, a, b, gs, scale, rank, dy = _case(sum(sizes), sizes=sizes)
     f = lambda x, w, a, b, s: ll.lora_linear(
-        x, w, a, b, gs, s, rank=rank, impl="fused", gemm_config=cfg, interpret=True
-    )
+        x, w, a, b, gs, s, rank=rank, impl="fused", gemm_config=cfg, small_ops=small_ops,
+        interpret=True,
+    )  # fmt: skip
     got = _vjp(f, dy, x, w, a, b, scale)
     want = _reference(x, w, a, b, gs, scale, rank, dy)
     for name, g, wv in zip(("y", "dx", "dw", "da", "db", "dscale"), got, want, strict=True):
@@ -84,11 +85,14 @@ def test_fused_matches_reference(sizes, cfg):
         np.testing.assert_array_equal(np.asarray(got[0])[used:], np.asarray(base)[used:])
 
 
-def test_fused_equals_unfused_path():
+@pytest.mark.parametrize("small_ops", ["kernel", "xla"])
+def test_fused_equals_unfused_path(small_ops):
     x, w, a, b, gs, scale, rank, dy = _case(3)
     kw = dict(rank=rank, gemm_config=SMALL, interpret=True)
-    fused = _vjp(lambda x, a, b: ll.lora_linear(x, w, a, b, gs, scale, impl="fused", **kw), dy,
-                 x, a, b)  # fmt: skip
+    f = lambda x, a, b: ll.lora_linear(
+        x, w, a, b, gs, scale, impl="fused", small_ops=small_ops, **kw
+    )
+    fused = _vjp(f, dy, x, a, b)
     unfused = _vjp(lambda x, a, b: ll.lora_linear(x, w, a, b, gs, scale, impl="unfused", **kw),
                    dy, x, a, b)  # fmt: skip
     for g, u in zip(fused, unfused, strict=True):
@@ -168,6 +172,8 @@ def test_auto_and_errors():
         ll.lora_linear(x[:100], w, a, b, gs * 0, scale, impl="fused", gemm_config=SMALL)
     with pytest.raises(ValueError, match=r"w\.shape"):
         ll.lora_linear(x, w.T[:, :100], a, b, gs, scale)
+    with pytest.raises(ValueError, match="small_ops"):
+        ll.lora_linear(x, w, a, b, gs, scale, impl="fused", small_ops="cuda", gemm_config=SMALL)
     with pytest.raises(ValueError, match="GemmConfig"):
         mm.GemmConfig(tile_m=96)
     # auto on CPU is the unfused operator with base = x @ w: the same values as the reference
