@@ -66,36 +66,56 @@ def _fused(x, w, a, b, group_sizes, scale, rank, gcfg, lcfg, small, interpret):
 
 
 def _shrink(lhs, w, m, trans, small, cfg, interpret):
-    """f32[T, R]: each row times its slot's (rank-masked) matrix, or its transpose; masked to
-    live ranks. "xla": one dense product over all slots (cheap while G·R is small), "kernel":
-    lora_gpu's grouped kernel."""
+    """f32[T, R]: each row times its slot's matrix (w [G, K, R]), or its transpose (w [G, R, K]);
+    zero past the slot's rank and past the groups. "xla": one dense product over all G·R
+    columns, then each row keeps its own slot's; "kernel": lora_gpu's grouped kernel. Columns
+    past a rank may come out non-finite (w may hold anything there): the select drops them."""
     if small == "xla":
-        s = lora._xla_gmm(lhs, w, m, trans)
+        G = w.shape[0]
+        spec = "TK,GRK->TGR" if trans else "TK,GKR->TGR"
+        s = jnp.einsum(spec, lhs, w, preferred_element_type=jnp.float32)  # f32[T, G, R]
+        s = jnp.take_along_axis(s, jnp.minimum(m.row_slot, G - 1)[:, None, None], axis=1)[:, 0]
     else:
         s = lg.gmm(lhs, w, m, trans, jnp.float32, cfg=cfg, interpret=interpret)
     return jnp.where(lora.live_mask(m, w.shape[1 if trans else 2]), s, 0.0)
 
 
-def _per_slot(lhs, rhs, m, G, dtype, small, cfg, interpret):
-    """[G, K, N]: per slot, the sum over its rows of lhs^T rhs (the grads of A and B)."""
+def _per_slot(big, small_side, m, G, dtype, small, cfg, interpret):
+    """[G, K, R]: per slot, the sum over its rows of big^T small_side (big [T, K], small_side
+    [T, R] zero outside live ranks): the grads of A (x, du) and of B^T (dy, scale·s).
+    "xla": small_side spread over its slot's R columns of G·R, then one dense product; rows
+    past the groups are zero there, so big's rows past the groups must be finite."""
     if small == "xla":
-        return lora._xla_tgmm(lhs, rhs, m, G).astype(dtype)
-    return lg.tgmm(lhs, rhs, m, G, dtype, cfg=cfg, interpret=interpret)
+        own = m.row_slot[:, None, None] == jnp.arange(G)[None, :, None]  # bool[T, G, 1]
+        spread = jnp.where(own, small_side[:, None, :], jnp.zeros((), small_side.dtype))
+        out = jnp.einsum("TK,TGR->GKR", big, spread, preferred_element_type=jnp.float32)
+        return out.astype(dtype)
+    return lg.tgmm(big, small_side, m, G, dtype, cfg=cfg, interpret=interpret)
 
 
 def _meta(x, a, group_sizes, scale, rank):
     return lora.group_meta(group_sizes, scale, rank, x.shape[0], a.shape[2])
 
 
+def _rank_zeroed(v, m, rank, axis):
+    """v [G, ., .] with entries past each slot's rank along `axis` zeroed: they may hold
+    anything, and the fused GEMM multiplies them by zeros (0·NaN = NaN). A copy, so only when
+    per-slot ranks are given."""
+    if rank is None:
+        return v
+    keep = jnp.arange(v.shape[axis])[None, :] < m.rank[:, None]  # bool[G, R]
+    keep = keep[:, :, None] if axis == 1 else keep[:, None, :]
+    return jnp.where(keep, v, jnp.zeros((), v.dtype))
+
+
 def _fused_fwd(x, w, a, b, group_sizes, scale, rank, gcfg, lcfg, small, interpret):
     m = _meta(x, a, group_sizes, scale, rank)
-    am, bm = lora._rank_masked(a, b, m)
-    s = _shrink(x, am, m, False, small, lcfg.fwd, interpret)  # f32[T, R], unscaled
+    s = _shrink(x, a, m, False, small, lcfg.fwd, interpret)  # f32[T, R], unscaled
     h = (s * lora.row_scale(m)[:, None]).astype(x.dtype)
     vis = visits(m, x.shape[0], gcfg.tile_m)
     y = mm.matmul_expand(
-        x, w, visit_rows(h, m, vis, gcfg.tile_m), bm.astype(x.dtype), vis[0], vis[1],
-        cfg=gcfg, interpret=interpret,
+        x, w, visit_rows(h, m, vis, gcfg.tile_m), _rank_zeroed(b, m, rank, 1).astype(x.dtype),
+        vis[0], vis[1], cfg=gcfg, interpret=interpret,
     )  # fmt: skip
     return y, (x, w, a, b, group_sizes, scale, rank, s)
 
@@ -104,18 +124,21 @@ def _fused_bwd(gcfg, lcfg, small, interpret, res, dy):
     x, w, a, b, group_sizes, scale, rank, s = res
     m = _meta(x, a, group_sizes, scale, rank)
     G = a.shape[0]
-    am, bm = lora._rank_masked(a, b, m)
-    u = _shrink(dy, bm, m, True, small, lcfg.shrink_t, interpret)  # f32[T, R]
+    u = _shrink(dy, b, m, True, small, lcfg.shrink_t, interpret)  # f32[T, R]
     rs = lora.row_scale(m)[:, None]
     du = (u * rs).astype(x.dtype)
     vis = visits(m, x.shape[0], gcfg.tile_m)
     dx = mm.matmul_expand(
         dy.astype(x.dtype), w, visit_rows(du, m, vis, gcfg.tile_m),
-        jnp.swapaxes(am, 1, 2).astype(x.dtype), vis[0], vis[1],
-        transpose_w=True, cfg=gcfg, interpret=interpret,
+        _rank_zeroed(a, m, rank, 2).astype(x.dtype), vis[0], vis[1],
+        transpose_w=True, transpose_e=True, cfg=gcfg, interpret=interpret,
     )  # fmt: skip
     da = _per_slot(x, du, m, G, a.dtype, small, lcfg.tgmm, interpret)
-    db = _per_slot((s * rs).astype(dy.dtype), dy, m, G, b.dtype, small, lcfg.tgmm, interpret)
+    sp = (s * rs).astype(dy.dtype)
+    if small == "xla":  # the dense product gives dB^T [G, O, R]
+        db = jnp.swapaxes(_per_slot(dy, sp, m, G, b.dtype, small, None, interpret), 1, 2)
+    else:
+        db = lg.tgmm(sp, dy, m, G, b.dtype, cfg=lcfg.tgmm, interpret=interpret)
     # W is frozen in LoRA training; its gradient is here for completeness, and XLA drops it
     # when nobody asks for it.
     dw = jnp.einsum("TI,TO->IO", x, dy, preferred_element_type=jnp.float32).astype(w.dtype)

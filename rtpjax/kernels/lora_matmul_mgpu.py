@@ -111,33 +111,38 @@ def _num_sms() -> int:
     return getattr(dev, "core_count", None) or 132
 
 
-@functools.partial(jax.jit, static_argnames=("transpose_w", "cfg", "interpret", "num_sms"))
+@functools.partial(
+    jax.jit, static_argnames=("transpose_w", "transpose_e", "cfg", "interpret", "num_sms")
+)
 def matmul_expand(
     x: jax.Array,  # [M, K]
     w: jax.Array,  # [K, N], or [N, K] with transpose_w
     h_vis: jax.Array | None,  # [V, tile_m, R]; None: a plain GEMM (no visits)
-    e: jax.Array | None,  # [G, R, N]
+    e: jax.Array | None,  # [G, R, N], or [G, N, R] with transpose_e
     visit_start: jax.Array | None,  # i32[M // tile_m + 1]
     visit_slot: jax.Array | None,  # i32[V]
     *,
     transpose_w: bool = False,
+    transpose_e: bool = False,
     cfg: GemmConfig = DEFAULT_CONFIG,
     interpret: bool = False,
     num_sms: int | None = None,
 ) -> jax.Array:  # [M, N] in x.dtype
-    """x @ W (or x @ W^T) plus the visits' h_vis[v] @ e[slot(v)], in one kernel (see module)."""
+    """x @ W (or x @ W^T) plus the visits' h_vis[v] @ e[slot(v)] (or @ e[slot(v)]^T), in one
+    kernel (see module). transpose_e lets the backward use A [G, I, R] as it is stored."""
     M, K = x.shape
     N = w.shape[0] if transpose_w else w.shape[1]
     Kw = w.shape[1] if transpose_w else w.shape[0]
     plain = h_vis is None
     if plain:  # one visit of zeros per row tile would cost a wgmma each: compile them out
         h_vis = jnp.zeros((1, cfg.tile_m, 16), x.dtype)
-        e = jnp.zeros((1, 16, N), x.dtype)
+        e = jnp.zeros((1, N, 16) if transpose_e else (1, 16, N), x.dtype)
         visit_start = jnp.zeros((M // cfg.tile_m + 1,), jnp.int32)
         visit_slot = jnp.zeros((1,), jnp.int32)
     V, tm, R = h_vis.shape
     G = e.shape[0]
-    if Kw != K or tm != cfg.tile_m or e.shape[1:] != (R, N) or x.dtype != w.dtype:
+    e_shape = (N, R) if transpose_e else (R, N)
+    if Kw != K or tm != cfg.tile_m or e.shape[1:] != e_shape or x.dtype != w.dtype:
         raise ValueError(
             f"matmul_expand: x {x.shape} {x.dtype}, w {w.shape} {w.dtype} (transpose_w="
             f"{transpose_w}), h_vis {h_vis.shape}, e {e.shape} do not fit together"
@@ -151,8 +156,10 @@ def matmul_expand(
     m_tiles, n_tiles, k_steps = M // cta_m, N // cta_n, K // tile_k
     op_tr = _transforms(tile_k, isz)  # x tiles [cta_m, tile_k]; W^T tiles [cta_n, tile_k]
     w_tr = op_tr  # W tiles too: wgmma wants one swizzle for both operands
-    # wgmma wants one swizzle for both operands: h's rows (R elements) set it for e too.
+    # wgmma wants one swizzle for both operands: h's rows (R elements) set it for e too
+    # (e's tiles are [R, tile_n], or [tile_n, R] read transposed).
     h_tr = e_tr = _transforms(R, isz)
+    e_tile = (tile_n, R) if transpose_e else (R, tile_n)
     out_tr = _transforms(epi, isz)
     minor = 1 if cfg.snake_minor == "n" else 0
 
@@ -188,7 +195,7 @@ def matmul_expand(
             ring=pipeline(unused, unused).get_allocations(x_g, w_g),
             out_smem=plgpu.SMEM((_COMPUTE_WGS, 2, epi, epi), dtype, transforms=out_tr),
             h_smem=plgpu.SMEM((_COMPUTE_WGS, 2, tile_m, R), dtype, transforms=h_tr),
-            e_smem=plgpu.SMEM((_COMPUTE_WGS, 2, R, tile_n), dtype, transforms=e_tr),
+            e_smem=plgpu.SMEM((_COMPUTE_WGS, 2, *e_tile), dtype, transforms=e_tr),
             bars=plgpu.Barrier(num_barriers=4 * _COMPUTE_WGS),  # (wg, buffer, h or e)
             collective_axes="wg",
         )
@@ -219,27 +226,34 @@ def matmul_expand(
                     return acc
 
                 def fetch(v, buf):
-                    # h and e come in as 2-D [V·tile_m, R] and [G·R, N]: the visit's rows
+                    # h and e come in as 2-D [V·tile_m, R] and [G·R, N] (or [G·N, R]): the
+                    # visit's rows of h, its slot's tile of e.
                     h_rows = pl.ds(v * tile_m, tile_m)
-                    e_rows = pl.ds(vslot_g[v] * R, R)
+                    slot = vslot_g[v]
+                    if transpose_e:
+                        col0 = ni * cta_n + (0 if split_m else wg * tile_n)
+                        e_src = e_g.at[pl.ds(slot * N + col0, tile_n), :]
+                    else:
+                        e_src = e_g.at[pl.ds(slot * R, R), my_cols]
                     bar = 4 * wg + 2 * buf
-                    h_dst, e_dst = h_smem.at[wg, buf], e_smem.at[wg, buf]
-                    plgpu.copy_gmem_to_smem(h_g.at[h_rows, :], h_dst, bars.at[bar])
-                    plgpu.copy_gmem_to_smem(e_g.at[e_rows, my_cols], e_dst, bars.at[bar + 1])
+                    plgpu.copy_gmem_to_smem(h_g.at[h_rows, :], h_smem.at[wg, buf], bars.at[bar])
+                    plgpu.copy_gmem_to_smem(e_src, e_smem.at[wg, buf], bars.at[bar + 1])
 
                 def expand(v, first, stop, acc):
-                    # Visit v's operands are in buffer (v - first) % 2; the next visit's load
-                    # goes into the other one while this wgmma runs.
+                    # Visit v's operands are in buffer (v - first) % 2; once its wgmma is
+                    # done, visit v + 2's load goes into the same buffer.
                     buf = lax.rem(v - first, 2)
-
-                    @pl.when(v + 1 < stop)
-                    def _():
-                        fetch(v + 1, 1 - buf)
-
                     plgpu.barrier_wait(bars.at[4 * wg + 2 * buf])
                     plgpu.barrier_wait(bars.at[4 * wg + 2 * buf + 1])
-                    plgpu.wgmma(acc, h_smem.at[wg, buf], e_smem.at[wg, buf])
+                    e_op = e_smem.at[wg, buf]
+                    plgpu.wgmma(
+                        acc, h_smem.at[wg, buf], e_op.transpose((1, 0)) if transpose_e else e_op
+                    )
                     plgpu.wgmma_wait(0)
+
+                    @pl.when(v + 2 < stop)
+                    def _():
+                        fetch(v + 2, buf)
 
                 def compute_context(run_pipeline):
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_m, tile_n), jnp.float32))
@@ -247,9 +261,14 @@ def matmul_expand(
                         if not plain:
                             first, stop = vstart_g[row_tile], vstart_g[row_tile + 1]
 
+                            # The tile's first two visits load while its K loop runs.
                             @pl.when(first < stop)
-                            def _():  # the tile's first visit loads while the K loop runs
+                            def _():
                                 fetch(first, 0)
+
+                            @pl.when(first + 1 < stop)
+                            def _():
+                                fetch(first + 1, 1)
 
                         run_pipeline(acc)
                         if not plain:
@@ -293,7 +312,7 @@ def matmul_expand(
         x,
         w,
         h_vis.reshape(V * tm, R),
-        e.reshape(G * R, N),
+        e.reshape(G * e.shape[1], e.shape[2]),
         visit_start.astype(jnp.int32),
         visit_slot.astype(jnp.int32),
     )
