@@ -63,9 +63,13 @@ def say(msg: str) -> None:
     LOG.append(line)
 
 
-def timed(fns: dict, args: dict, reps: int = 20, rounds: int = 7) -> dict[str, float]:
+ROUNDS = 7
+
+
+def timed(fns: dict, args: dict, reps: int = 20, rounds: int | None = None) -> dict[str, float]:
     """Seconds per call of each jitted fn (dispatch-pipelined mean, median over rounds). Calls
     over 5 ms get 2 reps (dispatch cannot matter there)."""
+    rounds = rounds or ROUNDS
     if SMOKE:
         reps, rounds = 1, 1
     n = {}
@@ -439,6 +443,58 @@ def fused_check() -> list[dict]:
     return rows
 
 
+def components() -> list[dict]:
+    """Each piece of lora_linear's fused path timed alone (T = D = 4096, rank 16), to see where
+    the added time goes: the shrink and u (grouped kernel vs dense XLA), the grads of A and B,
+    the visit bookkeeping, and the fused GEMM with its visits against the same kernel without."""
+    T, D, R = (4096, 4096, 16) if not SMOKE else (128, 128, 16)
+    cfg = SMOKE_GEMM if SMOKE else mm.DEFAULT_CONFIG
+    lcfg = lg.DEFAULT_CONFIG
+    rows = []
+    for G in (1, 8, 64):
+        x, W, a, b, gs, sc, dy = operands(G, T, D, R)
+        m = lora.group_meta(gs, sc, None, T, R)
+        s = ll._shrink(x, a, m, False, "xla", None, SMOKE)
+        h = (s * lora.row_scale(m)[:, None]).astype(x.dtype)
+        vis = ll.visits(m, T, cfg.tile_m)
+        hv = ll.visit_rows(h, m, vis, cfg.tile_m)
+        kw = dict(cfg=cfg, interpret=SMOKE)
+        fns = {
+            "gemm plain": (lambda x, W: mm.matmul_expand(x, W, None, None, None, None, **kw),
+                           (x, W)),
+            "gemm + visits": (lambda x, W, hv, b, v0, v1: mm.matmul_expand(
+                x, W, hv, b, v0, v1, **kw), (x, W, hv, b, vis[0], vis[1])),
+            "gemm^T plain": (lambda x, W: mm.matmul_expand(
+                x, W, None, None, None, None, transpose_w=True, **kw), (dy, W)),
+            "gemm^T + visits (A as stored)": (lambda x, W, hv, a, v0, v1: mm.matmul_expand(
+                x, W, hv, a, v0, v1, transpose_w=True, transpose_e=True, **kw),
+                (dy, W, hv, a, vis[0], vis[1])),
+            "visits + visit_rows": (lambda s, gs, sc: ll.visit_rows(
+                s.astype(x.dtype), lora.group_meta(gs, sc, None, T, R),
+                ll.visits(lora.group_meta(gs, sc, None, T, R), T, cfg.tile_m), cfg.tile_m),
+                (s, gs, sc)),
+        }  # fmt: skip
+        for small in ("kernel", "xla"):
+            fns[f"shrink {small}"] = (
+                lambda x, a, gs, sc, small=small: ll._shrink(
+                    x, a, lora.group_meta(gs, sc, None, T, R), False, small, lcfg.fwd, SMOKE),
+                (x, a, gs, sc))  # fmt: skip
+            fns[f"u {small}"] = (
+                lambda dy, b, gs, sc, small=small: ll._shrink(
+                    dy, b, lora.group_meta(gs, sc, None, T, R), True, small, lcfg.shrink_t,
+                    SMOKE), (dy, b, gs, sc))  # fmt: skip
+            fns[f"dA {small}"] = (
+                lambda x, du, gs, sc, small=small: ll._per_slot(
+                    x, du, lora.group_meta(gs, sc, None, T, R), G, x.dtype, small, lcfg.tgmm,
+                    SMOKE), (x, h, gs, sc))  # fmt: skip
+        jitted = {k: jax.jit(f) for k, (f, _) in fns.items()}
+        t = timed(jitted, {k: a_ for k, (_, a_) in fns.items()})
+        for k, sec in t.items():
+            rows.append({"G": G, "piece": k, "us": sec * 1e6})
+            say(f"component G={G:3d} {k:32s} {sec * 1e6:8.1f} us")
+    return rows
+
+
 # ---------------------------------------------------------------------------------- sweep
 
 
@@ -574,7 +630,7 @@ def training_rows(args) -> list | None:
 
 
 def main() -> None:
-    global SMOKE
+    global SMOKE, ROUNDS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench_lora.json")
     p.add_argument("--sweep", action="store_true", help="time kernel block shapes")
@@ -586,8 +642,12 @@ def main() -> None:
     p.add_argument("--commit", default="", help="commit to record when the tree has no .git")
     p.add_argument("--no-alone", action="store_true", help="skip timing LoRA without the base")
     p.add_argument("--quick-check", action="store_true", help="correctness on the small shape")
+    p.add_argument("--no-gemm", action="store_true", help="skip timing the fused kernel as a GEMM")
+    p.add_argument("--components", action="store_true", help="time lora_linear's pieces alone")
+    p.add_argument("--rounds", type=int, default=7, help="timing rounds (median taken)")
     args = p.parse_args()
     SMOKE = args.smoke
+    ROUNDS = args.rounds
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip()  # fmt: skip
@@ -612,7 +672,10 @@ def main() -> None:
     if not args.no_check:
         steps.append(("correctness", lambda: correctness(config, args.quick_check)))
         steps.append(("fused_check", fused_check))
-    steps.append(("gemm", gemm_section))
+    if not args.no_gemm:
+        steps.append(("gemm", gemm_section))
+    if args.components:
+        steps.append(("components", components))
     for name, fn in steps:
         try:
             result[name] = fn()
