@@ -495,6 +495,62 @@ def components() -> list[dict]:
     return rows
 
 
+def device_breakdown(fn, args, reps: int = 10) -> dict[str, float]:
+    """Device microseconds per call of each kernel `fn` launches, read from a jax.profiler trace
+    (GPU stream lines only; names as XLA/Pallas give them)."""
+    import glob
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    reps = 1 if SMOKE else reps
+    jax.block_until_ready(fn(*args))
+    d = tempfile.mkdtemp(prefix="lora_prof_")
+    with jax.profiler.trace(d):
+        for _ in range(reps):
+            r = fn(*args)
+        jax.block_until_ready(r)
+    out: dict[str, float] = {}
+    for path in glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True):
+        for plane in ProfileData.from_file(path).planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            names = [line.name for line in plane.lines]
+            if not getattr(device_breakdown, "said", False):
+                device_breakdown.said = True
+                say(f"profile: plane {plane.name} lines {names}")
+            for line in plane.lines:
+                if not line.name.startswith("Stream"):
+                    continue
+                for ev in line.events:
+                    out[ev.name] = out.get(ev.name, 0.0) + ev.duration_ns / 1e3 / reps
+    return out
+
+
+def profile_section() -> list[dict]:
+    """Per-kernel device time of lora_linear's fused path, forward and forward+backward, beside
+    the base matmul alone (G = 1, 8, 64; T = D = 4096, rank 16)."""
+    T, D, R = (4096, 4096, 16) if not SMOKE else (128, 128, 16)
+    cfg = SMOKE_GEMM if SMOKE else mm.DEFAULT_CONFIG
+    rows = []
+    base_f, base_fb = base_fns()
+    for G in (1, 8, 64) if not SMOKE else (8,):
+        ops = operands(G, T, D, R)
+        cases = {"base fwd": base_f, "base fwd+bwd": base_fb}
+        for small in ("kernel", "xla"):
+            op = Fused(cfg, small_ops=small)
+            cases[f"fused_{small} fwd"] = fwd_fn(op, True)
+            cases[f"fused_{small} fwd+bwd"] = fb_fn(op, True)
+        for name, fn in cases.items():
+            k = device_breakdown(fn, ops)
+            total = sum(k.values())
+            rows.append({"G": G, "case": name, "device_us": total, "kernels": k})
+            top = sorted(k.items(), key=lambda kv: -kv[1])
+            say(f"profile G={G:3d} {name:22s} device {total:7.1f} us in {len(k)} kernels: "
+                + ", ".join(f"{n[:40]} {v:.1f}" for n, v in top[:12]))  # fmt: skip
+    return rows
+
+
 # ---------------------------------------------------------------------------------- sweep
 
 
@@ -644,6 +700,7 @@ def main() -> None:
     p.add_argument("--quick-check", action="store_true", help="correctness on the small shape")
     p.add_argument("--no-gemm", action="store_true", help="skip timing the fused kernel as a GEMM")
     p.add_argument("--components", action="store_true", help="time lora_linear's pieces alone")
+    p.add_argument("--profile", action="store_true", help="per-kernel device time (profiler)")
     p.add_argument("--rounds", type=int, default=7, help="timing rounds (median taken)")
     args = p.parse_args()
     SMOKE = args.smoke
@@ -676,6 +733,8 @@ def main() -> None:
         steps.append(("gemm", gemm_section))
     if args.components:
         steps.append(("components", components))
+    if args.profile:
+        steps.append(("profile", profile_section))
     for name, fn in steps:
         try:
             result[name] = fn()
