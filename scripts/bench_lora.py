@@ -130,13 +130,21 @@ class WithBase:
 class Fused:
     """The layer as one call: lora_linear (base GEMM + LoRA expand fused on Hopper)."""
 
-    def __init__(self, gemm_config: mm.GemmConfig, impl: str = "fused", small_ops="auto"):
+    def __init__(self, gemm_config: mm.GemmConfig, impl="fused", small_ops="auto", plan=False):
         self.cfg, self.impl, self.small = gemm_config, impl, small_ops
+        # plan=True: the row bookkeeping (lora_plan) is built once outside the timed call, as a
+        # training step builds it once for all of its layers' projections.
+        self.shared_plan, self.plan = plan, None
+
+    def prepare(self, T: int, R: int, gs) -> None:
+        if self.shared_plan:
+            self.plan = jax.jit(lambda g: ll.lora_plan(g, T, R, gemm_config=self.cfg))(gs)
 
     def layer(self, W, gs, sc):
+        plan = self.plan
         return lambda x, a, b: ll.lora_linear(
-            x, W, a, b, gs, sc, impl=self.impl, gemm_config=self.cfg, small_ops=self.small,
-            interpret=SMOKE,
+            x, W, a, b, None if plan is not None else gs, sc, impl=self.impl,
+            gemm_config=self.cfg, small_ops=self.small, plan=plan, interpret=SMOKE,
         )  # fmt: skip
 
 
@@ -307,6 +315,8 @@ def table(bw: float, variants: dict, Gs=(1, 8, 64), alone: bool = True) -> list[
         ops = operands(G, T, D, R)
         fl = floors(T, D, R, G, bw)
         for name, op in variants.items():
+            if isinstance(op, Fused):
+                op.prepare(T, R, ops[4])
             try:
                 fns = {"base_f": base_f, "lora_f": fwd_fn(op, True), "base_fb": base_fb,
                        "lora_fb": fb_fn(op, True)}  # fmt: skip
@@ -360,6 +370,8 @@ GEMM_CONFIGS = {
     "wgM_minM_w16": mm.GemmConfig(snake_width=16),
     "wgM_n64s4": mm.GemmConfig(tile_n=64, stages=4),
     "wgM_k32s6": mm.GemmConfig(tile_k=32, stages=6),
+    "wgM_s4_epi1": mm.GemmConfig(stages=4, epi_slots=1, visit_buffers=1),
+    "wgN_s4_epi1": mm.GemmConfig(stages=4, epi_slots=1, visit_buffers=1, wg_split="n"),
 }
 
 
@@ -537,10 +549,10 @@ def profile_section() -> list[dict]:
     for G in (1, 8, 64) if not SMOKE else (8,):
         ops = operands(G, T, D, R)
         cases = {"base fwd": base_f, "base fwd+bwd": base_fb}
-        for small in ("kernel", "xla"):
-            op = Fused(cfg, small_ops=small)
-            cases[f"fused_{small} fwd"] = fwd_fn(op, True)
-            cases[f"fused_{small} fwd+bwd"] = fb_fn(op, True)
+        for name, op in {"fused": Fused(cfg), "fused_plan": Fused(cfg, plan=True)}.items():
+            op.prepare(T, R, ops[4])
+            cases[f"{name} fwd"] = fwd_fn(op, True)
+            cases[f"{name} fwd+bwd"] = fb_fn(op, True)
         for name, fn in cases.items():
             k = device_breakdown(fn, ops)
             total = sum(k.values())
@@ -767,6 +779,11 @@ def main() -> None:
         "fused": Fused(SMOKE_GEMM if SMOKE else mm.DEFAULT_CONFIG),
         "fused_kernels": Fused(SMOKE_GEMM if SMOKE else mm.DEFAULT_CONFIG, small_ops="kernel"),
         "fused_xla": Fused(SMOKE_GEMM if SMOKE else mm.DEFAULT_CONFIG, small_ops="xla"),
+        "fused_plan": Fused(SMOKE_GEMM if SMOKE else mm.DEFAULT_CONFIG, plan=True),
+        "fused_plan_s4": Fused(
+            SMOKE_GEMM if SMOKE else mm.GemmConfig(stages=4, epi_slots=1, visit_buffers=1),
+            plan=True,
+        ),
         "xla": op_xla,
         "ragged_dot": op_ragged_dot,
         "gather_einsum": op_gather_einsum,

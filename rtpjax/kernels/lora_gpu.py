@@ -406,7 +406,7 @@ def _tgmm_kernel(
     bounds_ref,  # i32[2*(G+1)]
     lhs_ref,  # [T, K]
     rhs_ref,  # [T, N]
-    out_ref,  # f32[S*G*K, N]
+    out_ref,  # [S*G*K, N]: out_dtype when S == 1, else f32 partials
     *,
     G: int,
     S: int,
@@ -436,7 +436,7 @@ def _tgmm_kernel(
     orow = (sp * G + g) * K + kk.store  # past the end (S*G*K and beyond) where masked
     if kk.ok is not None:
         orow = jnp.where(kk.ok, orow, S * G * K)
-    _store(out_ref, orow, cols.store, acc, _mask(kk.ok, cols.ok))
+    _store(out_ref, orow, cols.store, acc.astype(out_ref.dtype), _mask(kk.ok, cols.ok))
 
 
 def tgmm(
@@ -462,7 +462,8 @@ def tgmm(
     ends = jnp.concatenate([m.ends, jnp.full((1,), T, jnp.int32)])
     out = pl.pallas_call(
         functools.partial(_tgmm_kernel, G=G, S=S, cfg=cfg),
-        out_shape=jax.ShapeDtypeStruct((S * G * K, N), jnp.float32),
+        # One split writes the result in its dtype; several write float32 partials to sum.
+        out_shape=jax.ShapeDtypeStruct((S * G * K, N), out_dtype if S == 1 else jnp.float32),
         grid=(G, _cdiv(K, bk), _cdiv(N, bn), S),
         compiler_params=cfg.params(),
         interpret=interpret,

@@ -13,6 +13,7 @@ x @ W).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Literal
 
@@ -25,9 +26,6 @@ from rtpjax.kernels import lora_gpu as lg
 from rtpjax.kernels import lora_matmul_mgpu as mm
 
 Impl = Literal["auto", "fused", "unfused"]
-# Up to this many slot-rank columns (G·R), the rank-sized products run as one dense XLA product
-# over all slots; past it, as lora_gpu's grouped kernels (see docs/kernels/lora.md).
-XLA_SMALL_MAX = 128
 IMPLS = ("auto", "fused", "unfused")
 
 
@@ -60,12 +58,55 @@ def visit_rows(h: jax.Array, m: lora.GroupMeta, vis, tile_m: int) -> jax.Array:
     return jnp.where(own[..., None], h[rows], jnp.zeros((), h.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _fused(x, w, a, b, group_sizes, scale, rank, gcfg, lcfg, small, interpret):
-    return _fused_fwd(x, w, a, b, group_sizes, scale, rank, gcfg, lcfg, small, interpret)[0]
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraPlan:
+    """The integer bookkeeping of one row grouping: which rows belong to which slot, and the
+    (row tile, slot) visits the kernels walk. It depends only on the group sizes and ranks, so a
+    training step builds it once (`lora_plan`) and every LoRA projection of every layer uses it;
+    built inside each call instead, it costs a dozen small kernels per projection."""
+
+    starts: jax.Array  # i32[G]
+    ends: jax.Array  # i32[G]
+    row_slot: jax.Array  # i32[T], G past the groups
+    rank: jax.Array  # i32[G]
+    vis_start: jax.Array  # i32[T / tile_m + 1]: the fused GEMM's visits (see visits())
+    vis_slot: jax.Array  # i32[T / tile_m + G]
+    vis_tile: jax.Array  # i32[T / tile_m + G]
+    vm: tuple  # lora_gpu.visit_map for the grouped kernels' row tiles
+    ranked: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    def meta(self, scale: jax.Array) -> lora.GroupMeta:
+        return lora.GroupMeta(self.starts, self.ends, self.row_slot, self.rank,
+                              jnp.asarray(scale, jnp.float32))  # fmt: skip
 
 
-def _shrink(lhs, w, m, trans, small, cfg, interpret):
+def lora_plan(
+    group_sizes: jax.Array,  # i32[G]
+    T: int,
+    R: int,
+    *,
+    rank: jax.Array | None = None,  # i32[G]
+    gemm_config: mm.GemmConfig | None = None,
+    lora_config: lg.LoraGpuConfig | None = None,
+) -> LoraPlan:
+    """lora_linear's bookkeeping for rows sorted by slot (group_sizes), T rows, rank R; pass it
+    as lora_linear(..., plan=) to every projection that shares the grouping."""
+    gcfg = gemm_config or mm.DEFAULT_CONFIG
+    lcfg = lora_config or lg.DEFAULT_CONFIG
+    G = group_sizes.shape[0]
+    m = lora.group_meta(group_sizes, jnp.ones((G,), jnp.float32), rank, T, R)
+    start, slot, tile = visits(m, T, gcfg.tile_m)
+    vm = lg.visit_map(m, T, lcfg.fwd.block_t)
+    return LoraPlan(m.starts, m.ends, m.row_slot, m.rank, start, slot, tile, vm, rank is not None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _fused(x, w, a, b, scale, plan, gcfg, lcfg, small, interpret):
+    return _fused_fwd(x, w, a, b, scale, plan, gcfg, lcfg, small, interpret)[0]
+
+
+def _shrink(lhs, w, m, trans, small, cfg, interpret, vm=None):
     """f32[T, R]: each row times its slot's matrix (w [G, K, R]), or its transpose (w [G, R, K]);
     zero past the slot's rank and past the groups. "xla": one dense product over all G·R
     columns, then each row keeps its own slot's; "kernel": lora_gpu's grouped kernel. Columns
@@ -76,7 +117,7 @@ def _shrink(lhs, w, m, trans, small, cfg, interpret):
         s = jnp.einsum(spec, lhs, w, preferred_element_type=jnp.float32)  # f32[T, G, R]
         s = jnp.take_along_axis(s, jnp.minimum(m.row_slot, G - 1)[:, None, None], axis=1)[:, 0]
     else:
-        s = lg.gmm(lhs, w, m, trans, jnp.float32, cfg=cfg, interpret=interpret)
+        s = lg.gmm(lhs, w, m, trans, jnp.float32, cfg=cfg, vm=vm, interpret=interpret)
     return jnp.where(lora.live_mask(m, w.shape[1 if trans else 2]), s, 0.0)
 
 
@@ -93,44 +134,45 @@ def _per_slot(big, small_side, m, G, dtype, small, cfg, interpret):
     return lg.tgmm(big, small_side, m, G, dtype, cfg=cfg, interpret=interpret)
 
 
-def _meta(x, a, group_sizes, scale, rank):
-    return lora.group_meta(group_sizes, scale, rank, x.shape[0], a.shape[2])
-
-
-def _rank_zeroed(v, m, rank, axis):
+def _rank_zeroed(v, plan, axis):
     """v [G, ., .] with entries past each slot's rank along `axis` zeroed: they may hold
     anything, and the fused GEMM multiplies them by zeros (0·NaN = NaN). A copy, so only when
     per-slot ranks are given."""
-    if rank is None:
+    if not plan.ranked:
         return v
-    keep = jnp.arange(v.shape[axis])[None, :] < m.rank[:, None]  # bool[G, R]
+    keep = jnp.arange(v.shape[axis])[None, :] < plan.rank[:, None]  # bool[G, R]
     keep = keep[:, :, None] if axis == 1 else keep[:, None, :]
     return jnp.where(keep, v, jnp.zeros((), v.dtype))
 
 
-def _fused_fwd(x, w, a, b, group_sizes, scale, rank, gcfg, lcfg, small, interpret):
-    m = _meta(x, a, group_sizes, scale, rank)
-    s = _shrink(x, a, m, False, small, lcfg.fwd, interpret)  # f32[T, R], unscaled
+def _vm_for(plan, cfg, lcfg):
+    return plan.vm if cfg.block_t == lcfg.fwd.block_t else None
+
+
+def _fused_fwd(x, w, a, b, scale, plan, gcfg, lcfg, small, interpret):
+    m = plan.meta(scale)
+    vm = _vm_for(plan, lcfg.fwd, lcfg)
+    s = _shrink(x, a, m, False, small, lcfg.fwd, interpret, vm)  # f32[T, R], unscaled
     h = (s * lora.row_scale(m)[:, None]).astype(x.dtype)
-    vis = visits(m, x.shape[0], gcfg.tile_m)
+    vis = (plan.vis_start, plan.vis_slot, plan.vis_tile)
     y = mm.matmul_expand(
-        x, w, visit_rows(h, m, vis, gcfg.tile_m), _rank_zeroed(b, m, rank, 1).astype(x.dtype),
-        vis[0], vis[1], cfg=gcfg, interpret=interpret,
+        x, w, visit_rows(h, m, vis, gcfg.tile_m), _rank_zeroed(b, plan, 1).astype(x.dtype),
+        plan.vis_start, plan.vis_slot, cfg=gcfg, interpret=interpret,
     )  # fmt: skip
-    return y, (x, w, a, b, group_sizes, scale, rank, s)
+    return y, (x, w, a, b, scale, plan, s)
 
 
 def _fused_bwd(gcfg, lcfg, small, interpret, res, dy):
-    x, w, a, b, group_sizes, scale, rank, s = res
-    m = _meta(x, a, group_sizes, scale, rank)
+    x, w, a, b, scale, plan, s = res
+    m = plan.meta(scale)
     G = a.shape[0]
-    u = _shrink(dy, b, m, True, small, lcfg.shrink_t, interpret)  # f32[T, R]
+    u = _shrink(dy, b, m, True, small, lcfg.shrink_t, interpret, _vm_for(plan, lcfg.shrink_t, lcfg))
     rs = lora.row_scale(m)[:, None]
     du = (u * rs).astype(x.dtype)
-    vis = visits(m, x.shape[0], gcfg.tile_m)
+    vis = (plan.vis_start, plan.vis_slot, plan.vis_tile)
     dx = mm.matmul_expand(
         dy.astype(x.dtype), w, visit_rows(du, m, vis, gcfg.tile_m),
-        _rank_zeroed(a, m, rank, 2).astype(x.dtype), vis[0], vis[1],
+        _rank_zeroed(a, plan, 2).astype(x.dtype), plan.vis_start, plan.vis_slot,
         transpose_w=True, transpose_e=True, cfg=gcfg, interpret=interpret,
     )  # fmt: skip
     da = _per_slot(x, du, m, G, a.dtype, small, lcfg.tgmm, interpret)
@@ -143,8 +185,8 @@ def _fused_bwd(gcfg, lcfg, small, interpret, res, dy):
     # when nobody asks for it.
     dw = jnp.einsum("TI,TO->IO", x, dy, preferred_element_type=jnp.float32).astype(w.dtype)
     dscale = jax.ops.segment_sum(jnp.sum(s * u, axis=1), m.row_slot, num_segments=G + 1)[:G]
-    float0 = lambda v: None if v is None else np.zeros(v.shape, jax.dtypes.float0)
-    return dx, dw, da, db, float0(group_sizes), dscale.astype(scale.dtype), float0(rank)
+    dplan = jax.tree.map(lambda v: np.zeros(v.shape, jax.dtypes.float0), plan)
+    return dx, dw, da, db, dscale.astype(scale.dtype), dplan
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -188,9 +230,13 @@ def lora_linear(
     gemm_config: mm.GemmConfig | None = None,
     lora_config: lg.LoraGpuConfig | None = None,
     small_ops: str = "auto",
+    plan: LoraPlan | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:  # [T, O] in x.dtype
     """x @ w + lora_delta(x, a, b, group_sizes, scale, rank=rank) (rows sorted by slot).
+
+    plan: lora_plan(group_sizes, T, R, rank=rank, ...) built once and shared by every call
+    with the same grouping (then group_sizes and rank may be None); built here when absent.
 
     impl: "fused" runs the base GEMM and the LoRA expand as one Hopper kernel (forward and the
     backward's dx); "unfused" is lora_delta(..., base=x @ w); "auto" picks "fused" on a Hopper
@@ -200,13 +246,22 @@ def lora_linear(
 
     small_ops (fused path): how the rank-sized products are done (the shrink s = x·A_g, the
     backward's u = dy·B_g^T, and the grads of A and B): "kernel" = lora_gpu's grouped kernels,
-    "xla" = one dense XLA product over all slots (G·R columns, then each row keeps its own),
-    "auto" = "xla" while G·R <= XLA_SMALL_MAX, else "kernel".
+    "xla" = one dense XLA product over all slots (G·R columns, then each row keeps its own);
+    "auto" = "kernel" (faster forward+backward at G = 1, 8 and 64 on the H100, see
+    docs/kernels/lora.md).
     """
     if x.ndim != 2 or w.ndim != 2 or w.shape[0] != x.shape[1]:
         raise ValueError(
             f"lora_linear: x.shape={x.shape} and w.shape={w.shape} must be [T, I] and [I, O]"
         )
+    if plan is not None:
+        if plan.row_slot.shape != (x.shape[0],) or plan.starts.shape != (a.shape[0],):
+            raise ValueError(
+                f"lora_linear: plan for {plan.row_slot.shape[0]} rows and "
+                f"{plan.starts.shape[0]} slots does not fit x {x.shape} and a {a.shape}"
+            )
+        group_sizes = plan.ends - plan.starts
+        rank = plan.rank if plan.ranked else None
     lora.validate_inputs(x, a, b, group_sizes, scale, rank, "auto", None)
     if b.shape[2] != w.shape[1]:
         raise ValueError(f"lora_linear: b.shape={b.shape} must end in O={w.shape[1]} (w's columns)")
@@ -223,14 +278,14 @@ def lora_linear(
     if small_ops not in ("auto", "kernel", "xla"):
         raise ValueError(f"small_ops={small_ops!r} must be one of ('auto', 'kernel', 'xla')")
     if small_ops == "auto":
-        small_ops = "xla" if a.shape[0] * a.shape[2] <= XLA_SMALL_MAX else "kernel"
+        small_ops = "kernel"
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "cuda")
     scale = jnp.asarray(scale)
     if not jnp.issubdtype(scale.dtype, jnp.floating):
         scale = scale.astype(jnp.float32)
-    rank = None if rank is None else rank.astype(jnp.int32)
-    return _fused(
-        x, w, a, b, group_sizes.astype(jnp.int32), scale, rank,
-        gcfg, lora_config or lg.DEFAULT_CONFIG, small_ops, bool(interpret),
-    )  # fmt: skip
+    lcfg = lora_config or lg.DEFAULT_CONFIG
+    if plan is None:
+        plan = lora_plan(group_sizes, x.shape[0], a.shape[2], rank=rank, gemm_config=gcfg,
+                         lora_config=lcfg)  # fmt: skip
+    return _fused(x, w, a, b, scale, plan, gcfg, lcfg, small_ops, bool(interpret))

@@ -47,6 +47,8 @@ class GemmConfig:
     tile_k: int = 64
     stages: int = 3  # x/W tiles in flight; 4 does not fit beside the visit buffers at R = 16
     epi: int = 64  # the store's square piece
+    epi_slots: int = 2  # store buffers per warpgroup (2: a store overlaps the next piece)
+    visit_buffers: int = 2  # visits whose operands load ahead (the first ones during K)
     snake_width: int = 8  # output tiles per band of the snake
     snake_minor: str = "m"  # planar_snake's minor dimension
     wg_split: str = "m"
@@ -62,6 +64,10 @@ class GemmConfig:
     def __post_init__(self) -> None:
         if self.tile_m % 64 or self.tile_n % 64 or self.tile_k % 16 or self.stages < 2:
             raise ValueError(f"GemmConfig {self} needs tile_m, tile_n multiples of 64, ")
+        if self.visit_buffers not in (1, 2):
+            raise ValueError(f"GemmConfig.visit_buffers={self.visit_buffers} must be 1 or 2")
+        if self.epi_slots not in (1, 2):
+            raise ValueError(f"GemmConfig.epi_slots={self.epi_slots} must be 1 or 2")
         if self.tile_m % self.epi or self.tile_n % self.epi:
             raise ValueError(f"GemmConfig.epi={self.epi} must divide tile_m and tile_n")
         for name in ("snake_minor", "wg_split"):
@@ -76,8 +82,8 @@ _SMEM_BYTES = 227 * 1024  # Hopper's opt-in shared memory per block
 
 def smem_bytes(cfg: GemmConfig, R: int, itemsize: int = 2) -> int:
     ring = cfg.stages * (cfg.cta_m * cfg.tile_k + cfg.tile_k * cfg.cta_n) * itemsize
-    out = _COMPUTE_WGS * 2 * cfg.epi * cfg.epi * itemsize
-    visits = _COMPUTE_WGS * 2 * (cfg.tile_m * R + R * cfg.tile_n) * itemsize  # double-buffered
+    out = _COMPUTE_WGS * cfg.epi_slots * cfg.epi * cfg.epi * itemsize
+    visits = _COMPUTE_WGS * cfg.visit_buffers * (cfg.tile_m * R + R * cfg.tile_n) * itemsize
     return ring + out + visits
 
 
@@ -162,6 +168,7 @@ def matmul_expand(
     e_tile = (tile_n, R) if transpose_e else (R, tile_n)
     out_tr = _transforms(epi, isz)
     minor = 1 if cfg.snake_minor == "n" else 0
+    nbuf = cfg.visit_buffers
 
     x_spec = plgpu.BlockSpec(
         (cta_m, tile_k), lambda k: (0, k), transforms=op_tr, memory_space=plgpu.SMEM
@@ -193,10 +200,10 @@ def matmul_expand(
         @functools.partial(
             pl.run_scoped,
             ring=pipeline(unused, unused).get_allocations(x_g, w_g),
-            out_smem=plgpu.SMEM((_COMPUTE_WGS, 2, epi, epi), dtype, transforms=out_tr),
-            h_smem=plgpu.SMEM((_COMPUTE_WGS, 2, tile_m, R), dtype, transforms=h_tr),
-            e_smem=plgpu.SMEM((_COMPUTE_WGS, 2, *e_tile), dtype, transforms=e_tr),
-            bars=plgpu.Barrier(num_barriers=4 * _COMPUTE_WGS),  # (wg, buffer, h or e)
+            out_smem=plgpu.SMEM((_COMPUTE_WGS, cfg.epi_slots, epi, epi), dtype, transforms=out_tr),
+            h_smem=plgpu.SMEM((_COMPUTE_WGS, nbuf, tile_m, R), dtype, transforms=h_tr),
+            e_smem=plgpu.SMEM((_COMPUTE_WGS, nbuf, *e_tile), dtype, transforms=e_tr),
+            bars=plgpu.Barrier(num_barriers=2 * nbuf * _COMPUTE_WGS),  # (wg, buffer, h or e)
             collective_axes="wg",
         )
         def scope(ring, out_smem, h_smem, e_smem, bars):
@@ -235,25 +242,25 @@ def matmul_expand(
                         e_src = e_g.at[pl.ds(slot * N + col0, tile_n), :]
                     else:
                         e_src = e_g.at[pl.ds(slot * R, R), my_cols]
-                    bar = 4 * wg + 2 * buf
+                    bar = 2 * (nbuf * wg + buf)
                     plgpu.copy_gmem_to_smem(h_g.at[h_rows, :], h_smem.at[wg, buf], bars.at[bar])
                     plgpu.copy_gmem_to_smem(e_src, e_smem.at[wg, buf], bars.at[bar + 1])
 
                 def expand(v, first, stop, acc):
                     # Visit v's operands are in buffer (v - first) % 2; once its wgmma is
-                    # done, visit v + 2's load goes into the same buffer.
-                    buf = lax.rem(v - first, 2)
-                    plgpu.barrier_wait(bars.at[4 * wg + 2 * buf])
-                    plgpu.barrier_wait(bars.at[4 * wg + 2 * buf + 1])
+                    # done, visit v + nbuf's load goes into the same buffer.
+                    buf = lax.rem(v - first, nbuf)
+                    plgpu.barrier_wait(bars.at[2 * (nbuf * wg + buf)])
+                    plgpu.barrier_wait(bars.at[2 * (nbuf * wg + buf) + 1])
                     e_op = e_smem.at[wg, buf]
                     plgpu.wgmma(
                         acc, h_smem.at[wg, buf], e_op.transpose((1, 0)) if transpose_e else e_op
                     )
                     plgpu.wgmma_wait(0)
 
-                    @pl.when(v + 2 < stop)
+                    @pl.when(v + nbuf < stop)
                     def _():
-                        fetch(v + 2, buf)
+                        fetch(v + nbuf, buf)
 
                 def compute_context(run_pipeline):
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_m, tile_n), jnp.float32))
@@ -261,14 +268,12 @@ def matmul_expand(
                         if not plain:
                             first, stop = vstart_g[row_tile], vstart_g[row_tile + 1]
 
-                            # The tile's first two visits load while its K loop runs.
-                            @pl.when(first < stop)
-                            def _():
-                                fetch(first, 0)
+                            # The tile's first visits load while its K loop runs.
+                            for j in range(nbuf):
 
-                            @pl.when(first + 1 < stop)
-                            def _():
-                                fetch(first + 1, 1)
+                                @pl.when(first + j < stop)
+                                def _(j=j):
+                                    fetch(first + j, j)
 
                         run_pipeline(acc)
                         if not plain:
@@ -279,9 +284,9 @@ def matmul_expand(
                         piece = 0
                         for pm in range(tile_m // epi):
                             for pn in range(tile_n // epi):
-                                slot = piece % 2
+                                slot = piece % cfg.epi_slots
                                 piece += 1
-                                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                                plgpu.wait_smem_to_gmem(cfg.epi_slots - 1, wait_read_only=True)
                                 piece_rows = slice(pm * epi, (pm + 1) * epi)
                                 out_smem[wg, slot] = y[piece_rows, pn * epi : (pn + 1) * epi]
                                 plgpu.commit_smem()

@@ -8,6 +8,8 @@ rows straddle slots, visit a tile several times and leave a tail of rows with no
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,8 +46,15 @@ def _case(seed, T=256, I=128, O=256, R=16, sizes=(70, 0, 100, 30, 20), dtype=jnp
 
 
 def _vjp(f, dy, *ops):
-    y, back = jax.vjp(f, *ops)
-    return (y, *back(dy.astype(y.dtype)))
+    """Value and grads in one jitted program: run eagerly, the interpret-mode kernels of
+    successive ops are dispatched asynchronously and may run at the same time, which Mosaic GPU's
+    interpreter (one global shared-memory model) does not support; it hung that way."""
+
+    def run(dy, *ops):
+        y, back = jax.vjp(f, *ops)
+        return (y, *back(dy.astype(y.dtype)))
+
+    return jax.block_until_ready(jax.jit(run)(dy, *ops))
 
 
 def _rel(got, want):
@@ -85,6 +94,21 @@ def test_fused_matches_reference(sizes, cfg, small_ops):
         np.testing.assert_array_equal(np.asarray(got[0])[used:], np.asarray(base)[used:])
 
 
+def test_shared_plan_is_the_same_computation():
+    """A plan built once (lora_plan) and passed to the call gives the same values and grads as
+    the call building it; a plan for other shapes is refused."""
+    x, w, a, b, gs, scale, rank, dy = _case(5)
+    kw = dict(impl="fused", gemm_config=SMALL, interpret=True)
+    plan = ll.lora_plan(gs, x.shape[0], a.shape[2], rank=rank, gemm_config=SMALL)
+    own = _vjp(lambda x, a, b: ll.lora_linear(x, w, a, b, gs, scale, rank=rank, **kw), dy, x, a, b)
+    shared = _vjp(lambda x, a, b: ll.lora_linear(x, w, a, b, None, scale, plan=plan, **kw), dy,
+                  x, a, b)  # fmt: skip
+    for o, sh in zip(own, shared, strict=True):
+        np.testing.assert_array_equal(np.asarray(o), np.asarray(sh))
+    with pytest.raises(ValueError, match="plan for"):
+        ll.lora_linear(x[:128], w, a, b, None, scale, plan=plan, **kw)
+
+
 @pytest.mark.parametrize("small_ops", ["kernel", "xla"])
 def test_fused_equals_unfused_path(small_ops):
     x, w, a, b, gs, scale, rank, dy = _case(3)
@@ -117,7 +141,9 @@ def test_visits_cover_each_row_once():
     np.testing.assert_array_equal(seen, (row_slot < G).astype(int))
 
 
-@pytest.mark.parametrize("cfg", [SMALL, SMALL_N])
+@pytest.mark.parametrize(
+    "cfg", [SMALL, SMALL_N, dataclasses.replace(SMALL, visit_buffers=1, epi_slots=1)]
+)
 def test_kernel_visit_sum(cfg):
     """matmul_expand adds each visit's h @ e[slot] to its tile, forward and transposed W."""
     M, N, K, R, G = 256, 256, 96, 16, 3
@@ -144,8 +170,10 @@ def test_kernel_visit_sum(cfg):
 
 @pytest.mark.parametrize("transpose_w", [False, True])
 @pytest.mark.parametrize(
-    "cfg", [mm.DEFAULT_CONFIG, mm.GemmConfig(wg_split="n"), mm.GemmConfig(tile_k=32, stages=6)]
-)
+    "cfg",
+    [mm.DEFAULT_CONFIG, mm.GemmConfig(wg_split="n"), mm.GemmConfig(tile_k=32, stages=6),
+     mm.GemmConfig(stages=4, epi_slots=1, visit_buffers=1)],
+)  # fmt: skip
 def test_kernel_lowers_for_cuda(cfg, transpose_w):
     """The kernel passes Mosaic GPU's lowering (layout inference, shared-memory budget) for a
     CUDA target, which interpret mode does not exercise: run here by cross-lowering on CPU."""
