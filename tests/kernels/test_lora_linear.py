@@ -1,5 +1,8 @@
 """lora_linear (x @ W + LoRA, the expand fused into the GEMM on Hopper) against the reference.
 
+Interpret mode is slow (seconds per kernel call): the default run keeps one case of each kind;
+`-m slow` adds the other warpgroup split, the XLA small ops and the one-buffer configuration.
+
 The fused kernel runs in Mosaic GPU interpret mode here: tiles are shrunk so that a few hundred
 rows straddle slots, visit a tile several times and leave a tail of rows with no adapter.
 """
@@ -72,8 +75,10 @@ def _reference(x, w, a, b, gs, scale, rank, dy):
 
 @pytest.mark.parametrize(
     "sizes, cfg, small_ops",
-    [((70, 0, 100, 30, 20), SMALL, "xla"), ((256,), SMALL, "xla"),
-     ((10, 20, 30, 40, 50, 60, 46), SMALL, "kernel"), ((70, 0, 100, 30, 20), SMALL_N, "kernel")],
+    [((10, 20, 30, 40, 50, 60, 46), SMALL, "kernel"),
+     pytest.param((70, 0, 100, 30, 20), SMALL, "xla", marks=pytest.mark.slow),
+     pytest.param((256,), SMALL, "xla", marks=pytest.mark.slow),
+     pytest.param((70, 0, 100, 30, 20), SMALL_N, "kernel", marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_fused_matches_reference(sizes, cfg, small_ops):
     x, w, a, b, gs, scale, rank, dy = _case(sum(sizes), sizes=sizes)
@@ -109,7 +114,7 @@ def test_shared_plan_is_the_same_computation():
         ll.lora_linear(x[:128], w, a, b, None, scale, plan=plan, **kw)
 
 
-@pytest.mark.parametrize("small_ops", ["kernel", "xla"])
+@pytest.mark.parametrize("small_ops", ["kernel", pytest.param("xla", marks=pytest.mark.slow)])
 def test_fused_equals_unfused_path(small_ops):
     x, w, a, b, gs, scale, rank, dy = _case(3)
     kw = dict(rank=rank, gemm_config=SMALL, interpret=True)
@@ -142,8 +147,11 @@ def test_visits_cover_each_row_once():
 
 
 @pytest.mark.parametrize(
-    "cfg", [SMALL, SMALL_N, dataclasses.replace(SMALL, visit_buffers=1, epi_slots=1)]
-)
+    "cfg",
+    [SMALL, pytest.param(SMALL_N, marks=pytest.mark.slow),
+     pytest.param(dataclasses.replace(SMALL, visit_buffers=1, epi_slots=1),
+                  marks=pytest.mark.slow)],
+)  # fmt: skip
 def test_kernel_visit_sum(cfg):
     """matmul_expand adds each visit's h @ e[slot] to its tile, forward and transposed W."""
     M, N, K, R, G = 256, 256, 96, 16, 3
