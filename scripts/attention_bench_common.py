@@ -65,6 +65,28 @@ def loop_overhead(iters: int = 200) -> float:
     return median_time(f, x) / iters
 
 
+def read_floor(nbytes: int, iters: int) -> float:
+    """Seconds per call of the cheapest read of `nbytes` through the same chained fori_loop that
+    `timed` uses: a sum over a window of that many bytes, each iteration a different window of a
+    buffer of >= 400 MB (so nothing comes from the 50 MB L2). The honest floor for a small decode
+    call, whose bytes take less time to stream than a kernel takes to start and drain."""
+    n = max(1024, nbytes // 2)  # bf16 elements per window
+    sets = int(min(128, max(2, -(-400_000_000 // nbytes)))) if not INTERPRET else 2
+    buf = jnp.ones((sets * n,), jnp.bfloat16)
+
+    @jax.jit
+    def f(buf):
+        def body(i, acc):
+            w = lax.dynamic_slice(buf, ((i % sets) * n,), (n,))
+            return acc + jnp.sum(w.reshape(-1, 1024).astype(jnp.float32), axis=0)
+
+        return lax.fori_loop(0, iters, body, jnp.zeros((1024,), jnp.float32))
+
+    t = median_time(f, buf) / iters
+    del buf
+    return t
+
+
 # ----------------------------------------------------------------------------- problem setup
 
 
