@@ -6,9 +6,10 @@ For each case BATCHxCONTEXT: add BATCH requests of CONTEXT random prompt tokens 
 random weights of the preset, step until one step decodes all of them, then replay that prepared
 step (`ModelRunner.execute`) `--repeats` times: once timed on the host, once under jax.profiler.
 The trace is read back with `jax.profiler.ProfileData` and every GPU kernel's time summed per
-step. Prints the wall time per step, the device time per step, the kernels grouped by kind and the
-largest kernels with their count per step; `--out` writes the same as JSON. On CPU there is no
-device plane: the script runs (as a smoke test of the plumbing) and reports no kernels.
+step. Prints the wall time per step, the device time per step, the kernels grouped by kind and
+the largest kernels with their count per step; `--out` writes the same as JSON, `--hlo-dir` each
+step's compiled HLO (where the fusions in the profile are spelled out). On CPU there is no device
+plane: the script runs (as a smoke test of the plumbing) and reports no kernels.
 """
 
 from __future__ import annotations
@@ -65,9 +66,14 @@ def kernel_times(fn, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
     return dict(us), dict(count)
 
 
-def profile_case(llm, batch: int, context: int, repeats: int, top: int) -> dict:
+def profile_case(llm, batch: int, context: int, repeats: int, top: int, hlo_dir=None) -> dict:
     runner = llm.engine.runner
     prepared = bo._full_decode_step(llm, batch, context, "prof")
+    if hlo_dir:  # the compiled step, to see what each fusion in the profile is
+        os.makedirs(hlo_dir, exist_ok=True)
+        path = os.path.join(hlo_dir, f"decode_b{batch}_ctx{context}.hlo.txt")
+        with open(path, "w") as f:
+            f.write(runner.lower(prepared).compile().as_text())
 
     def replay() -> None:
         runner.execute(prepared)
@@ -107,6 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--kv-cache-memory-fraction", type=float, default=0.5)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--hlo-dir", default=None, help="write each case's compiled HLO here")
     args = ap.parse_args(argv)
     try:
         cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",") if c]
@@ -129,7 +136,7 @@ def main(argv=None) -> int:
     llm = bo.build(ns)
     results = []
     for batch, context in cases:
-        r = profile_case(llm, batch, context, args.repeats, args.top)
+        r = profile_case(llm, batch, context, args.repeats, args.top, args.hlo_dir)
         results.append(r)
         print(
             f"== batch {batch} x context {context}: wall {r['wall_ms']:.3f} ms/step, device "
