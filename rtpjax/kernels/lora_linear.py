@@ -4,8 +4,9 @@
 and the LoRA expand as one kernel (`lora_matmul_mgpu.matmul_expand`, Hopper): the forward is
 the shrink s = x @ A_g (lora_gpu's kernel, a pass over x) and then one GEMM whose epilogue adds
 scale·s @ B_g; the backward's dx = dy @ W^T + du @ A_g^T is the same fused GEMM with W
-transposed, and dA, dB come from lora_gpu's grouped kernels. Everywhere else it is
-`lora_delta(x, a, b, ..., base=x @ W)`: the same values through the unfused operator.
+transposed, and u = dy @ B_g^T, dA, dB come from lora_gpu's grouped kernels (u and dB from one
+pass over dy). Everywhere else it is `lora_delta(x, a, b, ..., base=x @ W)`: the same values
+through the unfused operator.
 
 Rows are sorted by adapter slot as in lora_delta (group_sizes; rows past the groups get only
 x @ W).
@@ -166,8 +167,14 @@ def _fused_bwd(gcfg, lcfg, small, interpret, res, dy):
     x, w, a, b, scale, plan, s = res
     m = plan.meta(scale)
     G = a.shape[0]
-    u = _shrink(dy, b, m, True, small, lcfg.shrink_t, interpret, _vm_for(plan, lcfg.shrink_t, lcfg))
     rs = lora.row_scale(m)[:, None]
+    sp = (s * rs).astype(dy.dtype)
+    one_pass = small == "kernel" and lcfg.fused_udb
+    if one_pass:  # u and dB both read dy: one kernel, one pass
+        u, db = lg.gmm_tgmm(dy, b, sp, m, b.dtype, cfg=lcfg.udb, interpret=interpret)
+    else:
+        vm = _vm_for(plan, lcfg.shrink_t, lcfg)
+        u = _shrink(dy, b, m, True, small, lcfg.shrink_t, interpret, vm)
     du = (u * rs).astype(x.dtype)
     vis = (plan.vis_start, plan.vis_slot, plan.vis_tile)
     dx = mm.matmul_expand(
@@ -176,10 +183,9 @@ def _fused_bwd(gcfg, lcfg, small, interpret, res, dy):
         transpose_w=True, transpose_e=True, cfg=gcfg, interpret=interpret,
     )  # fmt: skip
     da = _per_slot(x, du, m, G, a.dtype, small, lcfg.tgmm, interpret)
-    sp = (s * rs).astype(dy.dtype)
     if small == "xla":  # the dense product gives dB^T [G, O, R]
         db = jnp.swapaxes(_per_slot(dy, sp, m, G, b.dtype, small, None, interpret), 1, 2)
-    else:
+    elif not one_pass:
         db = lg.tgmm(sp, dy, m, G, b.dtype, cfg=lcfg.tgmm, interpret=interpret)
     # W is frozen in LoRA training; its gradient is here for completeness, and XLA drops it
     # when nobody asks for it.
@@ -248,7 +254,8 @@ def lora_linear(
     backward's u = dy·B_g^T, and the grads of A and B): "kernel" = lora_gpu's grouped kernels,
     "xla" = one dense XLA product over all slots (G·R columns, then each row keeps its own);
     "auto" = "kernel" (faster forward+backward at G = 1, 8 and 64 on the H100, see
-    docs/kernels/lora.md).
+    docs/kernels/lora.md). With "kernel", lora_config.fused_udb (default) takes u and dB from
+    one kernel reading dy once (lora_gpu.gmm_tgmm); False keeps the two kernels.
     """
     if x.ndim != 2 or w.ndim != 2 or w.shape[0] != x.shape[1]:
         raise ValueError(

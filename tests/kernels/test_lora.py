@@ -20,6 +20,7 @@ SMALL = lora_gpu.LoraGpuConfig(
     expand=KC(block_t=16, block_k=16, block_n=32),
     shrink_t=KC(block_t=16, block_k=32),
     tgmm=KC(block_t=16, block_k=16, block_n=16),
+    udb=KC(block_t=16, block_n=16),  # the backward's u and dB in one pass over dy (gmm_tgmm)
 )
 SMALL_UNFUSED = lora_gpu.LoraGpuConfig(
     fwd=KC(block_t=32, block_k=16, splits=3),  # K split over 3 programs (partials summed)
@@ -27,6 +28,7 @@ SMALL_UNFUSED = lora_gpu.LoraGpuConfig(
     shrink_t=KC(block_t=32, block_k=16, splits=2),
     tgmm=KC(block_t=16, block_k=32, block_n=32, splits=3),
     fused_fwd=False,
+    fused_udb=False,  # u and dB from shrink_t and tgmm, two passes over dy
 )
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 

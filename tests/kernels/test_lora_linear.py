@@ -1,7 +1,8 @@
 """lora_linear (x @ W + LoRA, the expand fused into the GEMM on Hopper) against the reference.
 
 Interpret mode is slow (seconds per kernel call): the default run keeps one case of each kind;
-`-m slow` adds the other warpgroup split, the XLA small ops and the one-buffer configuration.
+`-m slow` adds the other warpgroup split, the XLA small ops, the one-buffer configuration and
+the backward's one-pass u and dB (gmm_tgmm) against its two-kernel form through the whole layer.
 
 The fused kernel runs in Mosaic GPU interpret mode here: tiles are shrunk so that a few hundred
 rows straddle slots, visit a tile several times and leave a tail of rows with no adapter.
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from rtpjax.kernels import lora
+from rtpjax.kernels import lora_gpu as lg
 from rtpjax.kernels import lora_linear as ll
 from rtpjax.kernels import lora_matmul_mgpu as mm
 
@@ -114,18 +116,119 @@ def test_shared_plan_is_the_same_computation():
         ll.lora_linear(x[:128], w, a, b, None, scale, plan=plan, **kw)
 
 
-@pytest.mark.parametrize("small_ops", ["kernel", pytest.param("xla", marks=pytest.mark.slow)])
-def test_fused_equals_unfused_path(small_ops):
+TWO_PASS = dataclasses.replace(lg.DEFAULT_CONFIG, fused_udb=False)  # u and dB: two kernels
+
+
+# The default run takes the two-kernel u and dB here; test_fused_matches_reference covers the
+# default (one pass over dy) against the reference.
+@pytest.mark.parametrize(
+    "small_ops, lcfg",
+    [("kernel", TWO_PASS),
+     pytest.param("kernel", lg.DEFAULT_CONFIG, marks=pytest.mark.slow),
+     pytest.param("xla", lg.DEFAULT_CONFIG, marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_fused_equals_unfused_path(small_ops, lcfg):
     x, w, a, b, gs, scale, rank, dy = _case(3)
     kw = dict(rank=rank, gemm_config=SMALL, interpret=True)
     f = lambda x, a, b: ll.lora_linear(
-        x, w, a, b, gs, scale, impl="fused", small_ops=small_ops, **kw
+        x, w, a, b, gs, scale, impl="fused", small_ops=small_ops, lora_config=lcfg, **kw
     )
     fused = _vjp(f, dy, x, a, b)
     unfused = _vjp(lambda x, a, b: ll.lora_linear(x, w, a, b, gs, scale, impl="unfused", **kw),
                    dy, x, a, b)  # fmt: skip
     for g, u in zip(fused, unfused, strict=True):
         assert _rel(g, u) < 1e-2
+
+
+@pytest.mark.slow
+def test_one_pass_udb_equals_two_kernels():
+    """lora_linear's grads with u and dB from gmm_tgmm (fused_udb) and from gmm + tgmm: the same
+    forward bit for bit, the same grads up to float32 summation order, both near the reference."""
+    sizes = (70, 0, 100, 30, 20)
+    x, w, a, b, gs, scale, rank, dy = _case(8, sizes=sizes)
+    run = lambda lcfg: _vjp(lambda x, w, a, b, s: ll.lora_linear(
+        x, w, a, b, gs, s, rank=rank, impl="fused", gemm_config=SMALL, lora_config=lcfg,
+        interpret=True), dy, x, w, a, b, scale)  # fmt: skip
+    one, two = run(lg.DEFAULT_CONFIG), run(TWO_PASS)
+    want = _reference(x, w, a, b, gs, scale, rank, dy)
+    np.testing.assert_array_equal(np.asarray(one[0]), np.asarray(two[0]))
+    for name, o, t, wv in zip(("y", "dx", "dw", "da", "db", "dscale"), one, two, want,
+                              strict=True):  # fmt: skip
+        assert np.isfinite(np.asarray(o, np.float32)).all(), name
+        assert _rel(o, t) < 5e-3, (name, _rel(o, t))
+        assert _rel(o, wv) < 2e-2, (name, _rel(o, wv))
+    db = np.asarray(one[4], np.float32)
+    for g, r in enumerate(np.asarray(rank)):
+        assert not db[g, r:].any(), f"slot {g}: dB past rank {r}"
+    assert not db[1].any(), "empty slot"
+
+
+def _udb_case(seed, T, R, O, sizes, dtype):
+    """dy, b, sp, meta, rank: NaN in b and sp past each slot's rank and in dy and sp past the
+    groups (none of it may be read), per-slot ranks, the caller's sp arbitrary elsewhere."""
+    G = len(sizes)
+    rng = np.random.default_rng(seed)
+    rank = rng.integers(1, R + 1, size=G).astype(np.int32)
+    rank[-1] = R
+    k = jax.random.split(jax.random.key(seed), 3)
+    used = int(sum(sizes))
+    dy = jax.random.normal(k[0], (T, O), jnp.float32).at[used:].set(jnp.nan).astype(dtype)
+    sp = jax.random.normal(k[1], (T, R), jnp.float32)
+    b = jax.random.normal(k[2], (G, R, O), jnp.float32)
+    m = lora.group_meta(jnp.asarray(sizes, jnp.int32), jnp.ones((G,)), jnp.asarray(rank), T, R)
+    live = lora.live_mask(m, R)  # bool[T, R]
+    sp = jnp.where(live, sp, jnp.nan).astype(dtype)
+    past = jnp.arange(R)[None, :] >= jnp.asarray(rank)[:, None]  # bool[G, R]
+    b = jnp.where(past[:, :, None], jnp.nan, b).astype(dtype)
+    return dy, b, sp, m, rank
+
+
+KC = lg.KernelConfig
+
+
+@pytest.mark.parametrize(
+    "sizes, T, R, O, cfg, dtype",
+    [((10, 0, 25, 17, 3), 64, 8, 80, KC(block_t=16, block_n=32, splits=1), jnp.float32),
+     ((10, 0, 25, 17, 3), 64, 16, 80, KC(block_t=16, block_n=64, splits=3), jnp.bfloat16),
+     ((50,), 64, 16, 80, KC(block_t=16, block_n=128, splits=4), jnp.float32),  # one column block
+     pytest.param((10, 0, 25, 17, 3), 64, 8, 80, KC(block_t=16, block_n=32), jnp.float32,
+                  marks=pytest.mark.slow),  # automatic splits (16 here)
+     pytest.param((50,), 64, 8, 80, KC(block_t=32, block_n=32, splits=1), jnp.float32,
+                  marks=pytest.mark.slow),
+     pytest.param((64,), 64, 16, 64, KC(block_t=16, block_n=32, splits=1), jnp.float32,
+                  marks=pytest.mark.slow)],  # no tail, no partial block: no masks
+)  # fmt: skip
+def test_gmm_tgmm_matches_einsum(sizes, T, R, O, cfg, dtype):
+    """u = dy · B_g^T per row and dB_g = sum of sp^T dy over the slot's rows, against float64
+    einsums: zero past each rank, past the groups and for the empty slot, NaN never read."""
+    dy, b, sp, m, rank = _udb_case(len(sizes) + T + O, T, R, O, sizes, dtype)
+    G = len(sizes)
+    u, db = jax.jit(lambda dy, b, sp: lg.gmm_tgmm(dy, b, sp, m, dtype, cfg=cfg, interpret=True))(
+        dy, b, sp
+    )
+    assert u.shape == (T, R) and u.dtype == jnp.float32 and db.shape == (G, R, O)
+    assert db.dtype == dtype
+    u, db = np.asarray(u, np.float64), np.asarray(db, np.float64)
+    assert np.isfinite(u).all() and np.isfinite(db).all()
+    live = np.asarray(lora.live_mask(m, R))
+    clean = lambda v, keep: np.where(keep, np.asarray(v, np.float64), 0.0)
+    past = np.arange(R)[None, :] >= np.asarray(rank)[:, None]
+    bc = clean(b, ~past[:, :, None])
+    dyc = clean(dy, (np.asarray(m.row_slot) < G)[:, None])
+    spc = clean(sp, live)
+    slot = np.minimum(np.asarray(m.row_slot), G - 1)
+    want_u = np.where(live, np.einsum("TO,TRO->TR", dyc, bc[slot]), 0.0)
+    own = np.asarray(m.row_slot)[:, None] == np.arange(G)[None, :]  # bool[T, G]
+    want_db = np.einsum("TG,TR,TO->GRO", own, spc, dyc)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert _rel(u, want_u) < tol and _rel(db, want_db) < tol, (_rel(u, want_u), _rel(db, want_db))
+    assert not u[~live].any(), "u past a rank or past the groups"
+    for g in range(G):
+        assert not db[g, rank[g] :].any(), f"slot {g}: dB past rank {rank[g]}"
+        if sizes[g] == 0:
+            assert not db[g].any(), f"empty slot {g}"
+    with pytest.raises(ValueError, match="gmm_tgmm"):
+        lg.gmm_tgmm(dy, b, sp[:, :3], m, dtype, cfg=cfg, interpret=True)
 
 
 def test_visits_cover_each_row_once():
