@@ -12,6 +12,9 @@ Prints tables and writes JSON:
   alone, and its byte floor (x read, A and B read, delta written; backward: dy read twice, x read,
   dx written);
 - with --sweep, kernel block shapes for each of the operator's kernels, timed alone;
+- with --profile, per-kernel device time of lora_linear (fused_plan; fused_plan_sep: u and dB
+  as two kernels instead of gmm_tgmm's one pass over dy); with --udb-sweep, gmm_tgmm's shapes
+  alone against those two kernels, G = 1, 8, 64 (device time from the profiler);
 - with --training, the rows of training_benchmark() from scripts/bench_finetune.py (skipped with a
   message when that script does not exist yet).
 --smoke runs everything on tiny shapes in Pallas interpret mode: a CPU check of this script.
@@ -130,8 +133,9 @@ class WithBase:
 class Fused:
     """The layer as one call: lora_linear (base GEMM + LoRA expand fused on Hopper)."""
 
-    def __init__(self, gemm_config: mm.GemmConfig, impl="fused", small_ops="auto", plan=False):
-        self.cfg, self.impl, self.small = gemm_config, impl, small_ops
+    def __init__(self, gemm_config: mm.GemmConfig, impl="fused", small_ops="auto", plan=False,
+                 lora_config: lg.LoraGpuConfig | None = None):  # fmt: skip
+        self.cfg, self.impl, self.small, self.lcfg = gemm_config, impl, small_ops, lora_config
         # plan=True: the row bookkeeping (lora_plan) is built once outside the timed call, as a
         # training step builds it once for all of its layers' projections.
         self.shared_plan, self.plan = plan, None
@@ -144,7 +148,8 @@ class Fused:
         plan = self.plan
         return lambda x, a, b: ll.lora_linear(
             x, W, a, b, None if plan is not None else gs, sc, impl=self.impl,
-            gemm_config=self.cfg, small_ops=self.small, plan=plan, interpret=SMOKE,
+            gemm_config=self.cfg, small_ops=self.small, plan=plan, lora_config=self.lcfg,
+            interpret=SMOKE,
         )  # fmt: skip
 
 
@@ -549,7 +554,9 @@ def profile_section() -> list[dict]:
     for G in (1, 8, 64) if not SMOKE else (8,):
         ops = operands(G, T, D, R)
         cases = {"base fwd": base_f, "base fwd+bwd": base_fb}
-        for name, op in {"fused": Fused(cfg), "fused_plan": Fused(cfg, plan=True)}.items():
+        variants = {"fused": Fused(cfg), "fused_plan": Fused(cfg, plan=True),
+                    "fused_plan_sep": Fused(cfg, plan=True, lora_config=TWO_PASS)}  # fmt: skip
+        for name, op in variants.items():
             op.prepare(T, R, ops[4])
             cases[f"{name} fwd"] = fwd_fn(op, True)
             cases[f"{name} fwd+bwd"] = fb_fn(op, True)
@@ -560,6 +567,71 @@ def profile_section() -> list[dict]:
             top = sorted(k.items(), key=lambda kv: -kv[1])
             say(f"profile G={G:3d} {name:22s} device {total:7.1f} us in {len(k)} kernels: "
                 + ", ".join(f"{n[:40]} {v:.1f}" for n, v in top[:12]))  # fmt: skip
+    return rows
+
+
+# The backward's u and dB as two kernels (gmm with trans, tgmm): two passes over dy.
+TWO_PASS = dataclasses.replace(lg.DEFAULT_CONFIG, fused_udb=False)
+
+
+def _udb_configs() -> list[lg.KernelConfig]:
+    K = lg.KernelConfig
+    if SMOKE:
+        return [K(block_t=16, block_n=32), K(block_t=32, block_n=64, splits=2)]
+    d = lg.DEFAULT_CONFIG.udb
+    shapes = [K(32, 16, 128), K(32, 16, 256), K(64, 16, 128), d, K(64, 16, 256, num_stages=4),
+              K(128, 16, 256, num_warps=8), K(64, 16, 512, num_warps=8),
+              K(128, 16, 128, num_warps=8)]  # fmt: skip
+    # the default shape with forced row splits (0 = automatic: 16 / 2 / 1 at G = 1 / 8 / 64)
+    return shapes + [dataclasses.replace(d, splits=s) for s in (1, 2, 4, 8, 16)]
+
+
+def udb_sweep() -> list[dict]:
+    """gmm_tgmm (u and dB from one pass over dy) alone, for a few (block_t, block_n, warps,
+    stages, splits), against the two kernels it replaces (gmm with trans for u, tgmm for dB,
+    DEFAULT_CONFIG's shapes): device time per call from the profiler, kernels and the XLA sums
+    and masks that come with them; and each one's u and dB against the two kernels'."""
+    T, D, R = (4096, 4096, 16) if not SMOKE else (128, 128, 16)
+    lcfg = lg.DEFAULT_CONFIG
+    rows = []
+    for G in (1, 8, 64) if not SMOKE else (1, 3):
+        _, _, _, b, gs, sc, dy = operands(G, T, D, R)
+        m = jax.jit(lambda gs, sc: lora.group_meta(gs, sc, None, T, R))(gs, sc)
+        s = jax.random.normal(jax.random.key(11), (T, R), jnp.float32)
+        sp = jnp.where(lora.live_mask(m, R), s * lora.row_scale(m)[:, None], 0.0).astype(dy.dtype)
+
+        def two(dy, b, sp, m):
+            u = lg.gmm(dy, b, m, True, jnp.float32, cfg=lcfg.shrink_t, interpret=SMOKE)
+            u = jnp.where(lora.live_mask(m, R), u, 0.0)
+            return u, lg.tgmm(sp, dy, m, G, b.dtype, cfg=lcfg.tgmm, interpret=SMOKE)
+
+        cases = {"two kernels (gmm_t + tgmm)": jax.jit(two)}
+        for c in _udb_configs():
+            label = (f"udb t{c.block_t} n{c.block_n} w{c.num_warps} st{c.num_stages} "
+                     f"S{c.splits or 'auto'}")  # fmt: skip
+            cases[label] = jax.jit(lambda dy, b, sp, m, c=c: lg.gmm_tgmm(
+                dy, b, sp, m, b.dtype, cfg=c, interpret=SMOKE))  # fmt: skip
+        args = (dy, b, sp, m)
+        ref = None
+        for name, fn in cases.items():
+            try:
+                got = fn(*args)
+                ref = got if ref is None else ref
+                err = {"u": _rel(got[0], ref[0]), "db": _rel(got[1], ref[1])}
+                k = device_breakdown(fn, args)
+            except Exception as e:  # a shape that does not compile is reported, not fatal
+                say(f"udb G={G} {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                rows.append({"G": G, "case": name, "error": f"{type(e).__name__}: {e}"[:2000]})
+                continue
+            total = sum(k.values())
+            lora_us = sum(v for n, v in k.items() if "lora_" in n)
+            row = {"G": G, "case": name, "device_us": total, "lora_kernels_us": lora_us,
+                   "rel_err_vs_two": err, "kernels": k}  # fmt: skip
+            rows.append(row)
+            top = sorted(k.items(), key=lambda kv: -kv[1])
+            say(f"udb G={G:3d} {name:30s} device {total:6.1f} us (lora kernels {lora_us:6.1f}) "
+                f"err u {err['u']:.1e} dB {err['db']:.1e} | "
+                + ", ".join(f"{n[:32]} {v:.1f}" for n, v in top[:4]))  # fmt: skip
     return rows
 
 
@@ -713,6 +785,11 @@ def main() -> None:
     p.add_argument("--no-gemm", action="store_true", help="skip timing the fused kernel as a GEMM")
     p.add_argument("--components", action="store_true", help="time lora_linear's pieces alone")
     p.add_argument("--profile", action="store_true", help="per-kernel device time (profiler)")
+    p.add_argument(
+        "--udb-sweep",
+        action="store_true",
+        help="gmm_tgmm (u and dB in one pass) shapes vs the two kernels (profiler)",
+    )
     p.add_argument("--rounds", type=int, default=7, help="timing rounds (median taken)")
     args = p.parse_args()
     SMOKE = args.smoke
@@ -747,6 +824,8 @@ def main() -> None:
         steps.append(("components", components))
     if args.profile:
         steps.append(("profile", profile_section))
+    if args.udb_sweep:
+        steps.append(("udb_sweep", udb_sweep))
     for name, fn in steps:
         try:
             result[name] = fn()
@@ -780,6 +859,9 @@ def main() -> None:
         "fused_kernels": Fused(SMOKE_GEMM if SMOKE else mm.DEFAULT_CONFIG, small_ops="kernel"),
         "fused_xla": Fused(SMOKE_GEMM if SMOKE else mm.DEFAULT_CONFIG, small_ops="xla"),
         "fused_plan": Fused(SMOKE_GEMM if SMOKE else mm.DEFAULT_CONFIG, plan=True),
+        "fused_plan_sep": Fused(
+            SMOKE_GEMM if SMOKE else mm.DEFAULT_CONFIG, plan=True, lora_config=TWO_PASS
+        ),
         "fused_plan_s4": Fused(
             SMOKE_GEMM if SMOKE else mm.GemmConfig(stages=4, epi_slots=1, visit_buffers=1),
             plan=True,

@@ -189,8 +189,9 @@ KC = lg.KernelConfig
 @pytest.mark.parametrize(
     "sizes, T, R, O, cfg, dtype",
     [((10, 0, 25, 17, 3), 64, 8, 80, KC(block_t=16, block_n=32, splits=1), jnp.float32),
-     ((10, 0, 25, 17, 3), 64, 16, 80, KC(block_t=16, block_n=64, splits=3), jnp.bfloat16),
      ((50,), 64, 16, 80, KC(block_t=16, block_n=128, splits=4), jnp.float32),  # one column block
+     pytest.param((10, 0, 25, 17, 3), 64, 16, 80, KC(block_t=16, block_n=64, splits=3),
+                  jnp.bfloat16, marks=pytest.mark.slow),
      pytest.param((10, 0, 25, 17, 3), 64, 8, 80, KC(block_t=16, block_n=32), jnp.float32,
                   marks=pytest.mark.slow),  # automatic splits (16 here)
      pytest.param((50,), 64, 8, 80, KC(block_t=32, block_n=32, splits=1), jnp.float32,
@@ -229,6 +230,59 @@ def test_gmm_tgmm_matches_einsum(sizes, T, R, O, cfg, dtype):
             assert not db[g].any(), f"empty slot {g}"
     with pytest.raises(ValueError, match="gmm_tgmm"):
         lg.gmm_tgmm(dy, b, sp[:, :3], m, dtype, cfg=cfg, interpret=True)
+
+
+def _h100_lowering(f, *args) -> str:
+    """f's StableHLO for an H100, lowered on CPU: Pallas's Triton lowering (kernel body to
+    Triton IR) needs only a GPU kind, given here as an abstract device. Triton's own compile
+    to PTX still runs only on a GPU."""
+    dev = jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda"
+    )
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("fused_udb", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_backward_lowers_for_cuda(fused_udb):
+    """The layer's value and grads lower for an H100 with the default shapes: the one-pass u and
+    dB is one Triton kernel where the two-kernel form has two (shrink, [u], dA, [dB])."""
+    T = D = 1024
+    G, R = 8, 16
+    S = jax.ShapeDtypeStruct
+    bf = jnp.bfloat16
+    lcfg = dataclasses.replace(lg.DEFAULT_CONFIG, fused_udb=fused_udb)
+
+    def f(x, w, a, b, gs, sc, dy):
+        layer = lambda x, a, b: ll.lora_linear(
+            x, w, a, b, gs, sc, impl="fused", lora_config=lcfg, interpret=False
+        )
+        y, back = jax.vjp(layer, x, a, b)
+        return y, *back(dy)
+
+    text = _h100_lowering(f, S((T, D), bf), S((D, D), bf), S((G, D, R), bf), S((G, R, D), bf),
+                          S((G,), jnp.int32), S((G,), jnp.float32), S((T, D), bf))  # fmt: skip
+    assert text.count("xla.gpu.triton") == (3 if fused_udb else 4)
+    assert ("lora_udb" in text) == fused_udb
+
+
+@pytest.mark.slow  # the default shape is lowered in test_backward_lowers_for_cuda
+@pytest.mark.parametrize(
+    "cfg", [KC(block_t=128, block_n=256, num_warps=8), KC(block_t=32, block_n=512, splits=4)]
+)
+def test_gmm_tgmm_lowers_for_cuda(cfg):
+    T, O, G, R = 4096, 4096, 8, 16
+    S = jax.ShapeDtypeStruct
+    bf = jnp.bfloat16
+
+    def f(dy, b, sp, gs, sc):
+        m = lora.group_meta(gs, sc, None, T, R)
+        return lg.gmm_tgmm(dy, b, sp, m, bf, cfg=cfg)
+
+    text = _h100_lowering(f, S((T, O), bf), S((G, R, O), bf), S((T, R), bf),
+                          S((G,), jnp.int32), S((G,), jnp.float32))  # fmt: skip
+    assert text.count("xla.gpu.triton") == 1 and "lora_udb" in text
 
 
 def test_visits_cover_each_row_once():
