@@ -13,10 +13,6 @@ Paths (`impl`): "xla" (ref_skinny_matmul: one einsum with a float32 result, then
 reference and the CPU path), "gpu" (the Pallas kernel, Triton lowering; off a GPU it runs in Pallas
 interpret mode, which the tests use), "auto" ("gpu" on a GPU when skinny_matmul_gpu.supports the
 shapes and x, w share a dtype, else "xla"). docs/kernels/skinny_matmul.md has the measurements.
-
-`prologue` folds the op before a decode projection into the product's loads: "rms" multiplies
-rms_norm(x, norm_weight, eps) (layers/norm.py) by w; "silu_mul" takes x [M, 2K] = [gate | up] and
-multiplies silu(gate) · up by w. The "xla" path applies the same op with jnp first.
 """
 
 from __future__ import annotations
@@ -29,16 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from rtpjax.kernels import skinny_matmul_gpu as smg
-from rtpjax.layers.norm import rms_norm
 
-__all__ = [
-    "IMPLS",
-    "apply_prologue",
-    "ref_skinny_matmul",
-    "resolve_impl",
-    "skinny_matmul",
-    "supports",
-]
+__all__ = ["IMPLS", "ref_skinny_matmul", "resolve_impl", "skinny_matmul", "supports"]
 
 Impl = Literal["auto", "xla", "gpu"]
 IMPLS = ("auto", "xla", "gpu")
@@ -49,30 +37,15 @@ def supports(m: int, n: int, k: int, dtype: jnp.dtype) -> bool:
     return smg.supports(m, n, k, dtype)
 
 
-def validate_inputs(
-    x: jax.Array,
-    w: jax.Array,
-    out_dtype: object,
-    impl: str,
-    prologue: str | None = None,
-    norm_weight: jax.Array | None = None,
-) -> None:
+def validate_inputs(x: jax.Array, w: jax.Array, out_dtype: object, impl: str) -> None:
     """Raise ValueError naming the argument, its value and what is allowed."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
-    if prologue not in smg.PROLOGUES:
-        raise ValueError(f"prologue={prologue!r} must be one of {smg.PROLOGUES}")
     if x.ndim != 2:
         raise ValueError(f"x.shape={tuple(x.shape)} must be [M, K] (2-D)")
     if w.ndim != 2:
         raise ValueError(f"w.shape={tuple(w.shape)} must be [N, K] (2-D, HF [out, in] layout)")
-    if prologue == "silu_mul":
-        if x.shape[1] != 2 * w.shape[1]:
-            raise ValueError(
-                f"x.shape[1]={x.shape[1]} must be 2 * w.shape[1] = {2 * w.shape[1]} with "
-                "prologue='silu_mul' (x is [M, 2K]: the gate half, then the up half)"
-            )
-    elif w.shape[1] != x.shape[1]:
+    if w.shape[1] != x.shape[1]:
         raise ValueError(
             f"w.shape[1]={w.shape[1]} must equal x.shape[1]={x.shape[1]} (K, the input width; "
             "w is [N, K], HF [out, in] layout)"
@@ -82,12 +55,6 @@ def validate_inputs(
             raise ValueError(f"{name}.dtype={arr.dtype} must be a floating dtype")
     if out_dtype is not None and not jnp.issubdtype(jnp.dtype(out_dtype), jnp.floating):
         raise ValueError(f"out_dtype={jnp.dtype(out_dtype).name} must be a floating dtype")
-    if (prologue == "rms") != (norm_weight is not None):
-        raise ValueError("norm_weight must be given exactly when prologue='rms'")
-    if norm_weight is not None and tuple(norm_weight.shape) != (w.shape[1],):
-        raise ValueError(
-            f"norm_weight.shape={tuple(norm_weight.shape)} must be ({w.shape[1]},) (w.shape[1])"
-        )
 
 
 def ref_skinny_matmul(
@@ -119,36 +86,19 @@ def resolve_impl(impl: str, x: jax.Array, w: jax.Array) -> str:
         raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
     if impl != "auto":
         return impl
-    M, (N, K) = x.shape[0], w.shape
+    (M, K), N = x.shape, w.shape[0]
     if _on_gpu() and x.dtype == w.dtype and supports(M, N, K, x.dtype):
         return "gpu"
     return "xla"
 
 
-def apply_prologue(
-    x: jax.Array, prologue: str | None, norm_weight: jax.Array | None, eps: float
-) -> jax.Array:
-    """The prologue in jnp (the "xla" path's; the reference for the kernel's)."""
-    if prologue == "rms":
-        return rms_norm(x, norm_weight, eps)
-    if prologue == "silu_mul":
-        gate, up = jnp.split(x, 2, axis=1)
-        return jax.nn.silu(gate) * up
-    return x
-
-
-@functools.partial(
-    jax.jit, static_argnames=("out_dtype", "impl", "config", "interpret", "prologue", "eps")
-)
-def _skinny_matmul(x, w, norm_weight, *, out_dtype, impl, config, interpret, prologue, eps):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "impl", "config", "interpret"))
+def _skinny_matmul(x, w, *, out_dtype, impl, config, interpret):
     if resolve_impl(impl, x, w) == "xla":
-        return ref_skinny_matmul(apply_prologue(x, prologue, norm_weight, eps), w, out_dtype)
+        return ref_skinny_matmul(x, w, out_dtype)
     # Off a GPU the kernel can only run in interpret mode (slow; for tests).
     interpret = interpret or not _on_gpu()
-    return smg.gpu_skinny_matmul(
-        x, w, out_dtype=out_dtype, config=config, interpret=interpret, prologue=prologue,
-        norm_weight=norm_weight, eps=eps,
-    )  # fmt: skip
+    return smg.gpu_skinny_matmul(x, w, out_dtype=out_dtype, config=config, interpret=interpret)
 
 
 def skinny_matmul(
@@ -159,19 +109,12 @@ def skinny_matmul(
     impl: Impl = "auto",
     config: smg.KernelConfig | None = None,
     interpret: bool = False,
-    prologue: str | None = None,
-    norm_weight: jax.Array | None = None,  # [K] for prologue "rms"
-    eps: float = 1e-6,
 ) -> jax.Array:  # [M, N] in out_dtype (default x.dtype)
-    """y[M, N] = prologue(x)[M, K] · w[N, K]ᵀ, float32 accumulation, cast to out_dtype.
+    """y[M, N] = x[M, K] · w[N, K]ᵀ, float32 accumulation, cast to out_dtype.
 
     config: kernel shape for the "gpu" path (default: skinny_matmul_gpu.choose_config); ignored
-    by "xla". impl="gpu" on shapes the kernel does not cover raises ValueError. prologue: None,
-    "rms" (rms_norm(x, norm_weight, eps) first) or "silu_mul" (x [M, 2K]: silu(gate) · up).
+    by "xla". impl="gpu" on shapes the kernel does not cover raises ValueError.
     """
-    validate_inputs(x, w, out_dtype, impl, prologue, norm_weight)
+    validate_inputs(x, w, out_dtype, impl)
     out_dtype = None if out_dtype is None else jnp.dtype(out_dtype)
-    return _skinny_matmul(
-        x, w, norm_weight, out_dtype=out_dtype, impl=impl, config=config, interpret=interpret,
-        prologue=prologue, eps=float(eps),
-    )  # fmt: skip
+    return _skinny_matmul(x, w, out_dtype=out_dtype, impl=impl, config=config, interpret=interpret)

@@ -15,15 +15,6 @@ Forms (KernelConfig.form):
 - "gemv": M == 1 only, no tensor cores: acc f32[block_n, block_k] += w_tile * x_chunk, one row
   reduction at the end.
 
-Prologues (`prologue`, static), the small op before a decode projection done on the kernel's
-loads instead of in a kernel of its own (each such op is a ~1.5 µs latency-bound launch per layer
-at decode; docs/kernels/skinny_matmul.md):
-- "rms": x is normalised first, as layers/norm.rms_norm computes it: float32 statistics over the
-  whole row (every program sums the row's squares itself: M·K elements from L2, before its loop),
-  the normalised value cast to x's dtype, times the norm weight (extra input [K]).
-- "silu_mul": x is [M, 2K], the gate and up halves of a fused gate-up projection; the product
-  uses silu(gate) · up, computed in float32 and rounded once to x's dtype.
-
 With split_k > 1 each program writes a float32 partial [M, block_n]; XLA sums the S partials
 (one small fusion, the output cast fused into it). That buys programs when N / block_n is small
 against the SM count (N = 4096 at block_n 64 is 64 programs on 132 SMs).
@@ -47,7 +38,6 @@ __all__ = [
     "DTYPES",
     "FORMS",
     "MAX_M",
-    "PROLOGUES",
     "KernelConfig",
     "auto_split",
     "check_config",
@@ -198,16 +188,9 @@ def choose_config(
     return dataclasses.replace(cfg, split_k=split)
 
 
-PROLOGUES = (None, "rms", "silu_mul")
-
-
-def _kernel(
-    x_ref, w_ref, *rest, M: int, cfg: KernelConfig, exact_f32: bool, prologue=None, eps=0.0
-):
-    """x_ref [M, K] ([M, 2K] for "silu_mul"); w_ref [N, K]; ["rms": norm_ref [K]]; out_ref
-    [M, N] (split_k == 1) or f32[S*M, N] (partials)."""
-    norm_ref, out_ref = rest if prologue == "rms" else (None, rest[0])
-    K = w_ref.shape[1]
+def _kernel(x_ref, w_ref, out_ref, *, M: int, cfg: KernelConfig, exact_f32: bool):
+    """x_ref [M, K]; w_ref [N, K]; out_ref [M, N] (split_k == 1) or f32[S*M, N] (partials)."""
+    K = x_ref.shape[1]
     N = w_ref.shape[0]
     BN, BK, S = cfg.block_n, cfg.block_k, cfg.split_k
     Mp = 1 if cfg.form == "gemv" else padded_rows(M)
@@ -231,34 +214,12 @@ def _kernel(
     def load_w(kk):  # [BN, BK]
         return plgpu.load(w_ref.at[n_load[:, None], kk[None, :]])
 
-    def load_raw(kk):  # [Mp, BK] of x's columns kk, rows >= M zero
+    def load_x(kk):  # [Mp, BK], rows >= M zero
         rows = jnp.minimum(m_idx, M - 1)[:, None]
         if Mp == M:
             return plgpu.load(x_ref.at[rows, kk[None, :]])
         mask = jnp.broadcast_to(m_ok[:, None], (Mp, BK))
         return plgpu.load(x_ref.at[rows, kk[None, :]], mask=mask, other=0.0)
-
-    load_x = load_raw
-    if prologue == "rms":
-
-        def squares(i, acc):  # acc f32[Mp]: the row's sum of squares over all of K
-            xt = load_raw(i * BK + k_iota).astype(jnp.float32)
-            return acc + jnp.sum(xt * xt, axis=1)
-
-        ss = lax.fori_loop(0, nk, squares, jnp.zeros((Mp,), jnp.float32))
-        inv = lax.rsqrt(ss / K + eps)[:, None]  # f32[Mp, 1]
-
-        def load_x(kk):  # rms_norm: statistics in f32, cast back, then times the weight
-            xn = (load_raw(kk).astype(jnp.float32) * inv).astype(x_ref.dtype)
-            nw = plgpu.load(norm_ref.at[kk]).astype(jnp.float32)  # f32[BK]
-            return (nw[None, :] * xn.astype(jnp.float32)).astype(x_ref.dtype)
-
-    elif prologue == "silu_mul":
-
-        def load_x(kk):  # silu(gate) * up from the gate-up halves, one rounding
-            g = load_raw(kk).astype(jnp.float32)
-            u = load_raw(K + kk).astype(jnp.float32)
-            return (g / (1.0 + jnp.exp(-g)) * u).astype(x_ref.dtype)
 
     if cfg.form == "gemv":
 
@@ -302,27 +263,17 @@ def _kernel(
 
 
 def gpu_skinny_matmul(
-    x: jax.Array,  # [M, K] ([M, 2K] for prologue "silu_mul")
+    x: jax.Array,  # [M, K]
     w: jax.Array,  # [N, K]
     *,
     out_dtype: jnp.dtype | None = None,
     config: KernelConfig | None = None,
     interpret: bool = False,
-    prologue: str | None = None,
-    norm_weight: jax.Array | None = None,  # [K], prologue "rms"
-    eps: float = 1e-6,
 ) -> jax.Array:  # [M, N] in out_dtype (default x.dtype)
     """The Pallas (Triton lowering) kernel; inputs as validated by skinny_matmul."""
-    M = x.shape[0]
-    N, K = w.shape
+    M, K = x.shape
+    N = w.shape[0]
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    if prologue not in PROLOGUES:
-        raise ValueError(f"prologue={prologue!r} must be one of {PROLOGUES}")
-    if x.shape[1] != (2 * K if prologue == "silu_mul" else K):
-        raise ValueError(f"x.shape={tuple(x.shape)} does not fit w.shape={tuple(w.shape)} "
-                         f"with prologue={prologue!r}")  # fmt: skip
-    if (prologue == "rms") != (norm_weight is not None):
-        raise ValueError("norm_weight must be given exactly when prologue='rms'")
     if not supports(M, N, K, x.dtype) or x.dtype != w.dtype:
         raise ValueError(
             f"the GPU kernel does not cover M={M}, N={N}, K={K} (x {x.dtype}, w {w.dtype}): "
@@ -333,19 +284,15 @@ def gpu_skinny_matmul(
     check_config(cfg, M, N, K)
     S = cfg.split_k
     part_dtype = out_dtype if S == 1 else jnp.dtype(jnp.float32)
-    kernel = functools.partial(
-        _kernel, M=M, cfg=cfg, exact_f32=jnp.dtype(x.dtype) == jnp.float32, prologue=prologue,
-        eps=float(eps),
-    )  # fmt: skip
-    args = (x, w) if prologue != "rms" else (x, w, norm_weight)
+    kernel = functools.partial(_kernel, M=M, cfg=cfg, exact_f32=jnp.dtype(x.dtype) == jnp.float32)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((S * M, N), part_dtype),
         grid=(-(-N // cfg.block_n), S),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        name=f"skinny_matmul_{cfg.tag}" + (f"_{prologue}" if prologue else ""),
-    )(*args)
+        name=f"skinny_matmul_{cfg.tag}",
+    )(x, w)
     if S == 1:
         return out
     return jnp.sum(out.reshape(S, M, N), axis=0).astype(out_dtype)

