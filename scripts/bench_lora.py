@@ -377,6 +377,10 @@ GEMM_CONFIGS = {
     "wgM_k32s6": mm.GemmConfig(tile_k=32, stages=6),
     "wgM_s4_epi1": mm.GemmConfig(stages=4, epi_slots=1, visit_buffers=1),
     "wgN_s4_epi1": mm.GemmConfig(stages=4, epi_slots=1, visit_buffers=1, wg_split="n"),
+    "wgM_clN": mm.GemmConfig(cluster="n"),  # x multicast to a 2-CTA cluster (cuBLAS: 1x2)
+    "wgM_clM": mm.GemmConfig(cluster="m"),  # W multicast
+    "wgM_clN_minN": mm.GemmConfig(cluster="n", snake_minor="n"),
+    "wgM_clN_s4_epi1": mm.GemmConfig(cluster="n", stages=4, epi_slots=1, visit_buffers=1),
 }
 
 
@@ -407,10 +411,12 @@ def gemm_section() -> list[dict]:
             del fns[name]
     t = timed(fns, dict.fromkeys(fns, (x, W)))
     for name, sec in t.items():
-        row = {"name": name, "us": sec * 1e6, "tflops": 2 * D**3 / sec / 1e12, "rel_err": ok[name]}
+        dev = sum(device_breakdown(fns[name], (x, W)).values())  # µs of kernels, profiler
+        row = {"name": name, "us": sec * 1e6, "tflops": 2 * D**3 / sec / 1e12, "rel_err": ok[name],
+               "device_us": dev}  # fmt: skip
         rows.append(row)
-        say(f"gemm {name:22s} {row['us']:8.1f} us {row['tflops']:6.0f} TFLOP/s "
-            f"rel err vs XLA {row['rel_err']:.1e}")  # fmt: skip
+        say(f"gemm {name:22s} {row['us']:8.1f} us {row['tflops']:6.0f} TFLOP/s, device "
+            f"{dev:7.1f} us, rel err vs XLA {row['rel_err']:.1e}")  # fmt: skip
     return rows
 
 
@@ -556,6 +562,8 @@ def profile_section() -> list[dict]:
         cases = {"base fwd": base_f, "base fwd+bwd": base_fb}
         variants = {"fused": Fused(cfg), "fused_plan": Fused(cfg, plan=True),
                     "fused_plan_sep": Fused(cfg, plan=True, lora_config=TWO_PASS)}  # fmt: skip
+        if not SMOKE:  # the GEMM in a 2-CTA cluster, x multicast (the shapes pair column tiles)
+            variants["fused_plan_clN"] = Fused(mm.GemmConfig(cluster="n"), plan=True)
         for name, op in variants.items():
             op.prepare(T, R, ops[4])
             cases[f"{name} fwd"] = fwd_fn(op, True)

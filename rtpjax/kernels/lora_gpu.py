@@ -99,7 +99,7 @@ class LoraGpuConfig:
     """Per-kernel shapes: fwd (fused forward, or the shrink when fused_fwd is False), expand (the
     unfused forward's second launch and dx), shrink_t (u = dy · B^T), tgmm (grads of A and B),
     udb (u and the grad of B in one pass over dy, used when fused_udb; else shrink_t and tgmm).
-    The defaults other than udb are the fastest of the H100 sweep in docs/kernels/lora.md."""
+    The defaults are the fastest of the H100 sweeps in docs/kernels/lora.md."""
 
     fwd: KernelConfig = KernelConfig(block_t=32, block_k=128)
     expand: KernelConfig = KernelConfig(block_t=32, block_k=16, block_n=128)
@@ -107,8 +107,8 @@ class LoraGpuConfig:
     tgmm: KernelConfig = KernelConfig(block_t=64, block_k=64, block_n=64)
     fused_fwd: bool = False
     # The backward's u and dB from one pass over dy (gmm_tgmm) instead of shrink_t + tgmm.
-    # Its shape is a first guess, not yet measured: bench_lora.py --udb-sweep times others.
-    udb: KernelConfig = KernelConfig(block_t=64, block_k=16, block_n=256, num_warps=8)
+    # bench_lora.py --udb-sweep on the H100: the fastest of 8 shapes at G = 1, 8 and 64.
+    udb: KernelConfig = KernelConfig(block_t=64, block_k=16, block_n=256, num_warps=4, num_stages=4)
     fused_udb: bool = True
 
 

@@ -52,6 +52,9 @@ class GemmConfig:
     snake_width: int = 8  # output tiles per band of the snake
     snake_minor: str = "m"  # planar_snake's minor dimension
     wg_split: str = "m"
+    # Two CTAs of a cluster share one operand's tiles through TMA multicast: "n" (adjacent
+    # column tiles, x loaded once for both), "m" (adjacent row tiles, W once), None (no cluster).
+    cluster: str | None = None
 
     @property
     def cta_m(self) -> int:
@@ -73,6 +76,16 @@ class GemmConfig:
         for name in ("snake_minor", "wg_split"):
             if getattr(self, name) not in ("m", "n"):
                 raise ValueError(f"GemmConfig.{name}={getattr(self, name)!r} must be 'm' or 'n'")
+        if self.cluster not in (None, "m", "n"):
+            raise ValueError(f"GemmConfig.cluster={self.cluster!r} must be None, 'm' or 'n'")
+
+    @property
+    def cluster_m(self) -> int:
+        return self.cta_m * (2 if self.cluster == "m" else 1)
+
+    @property
+    def cluster_n(self) -> int:
+        return self.cta_n * (2 if self.cluster == "n" else 1)
 
 
 DEFAULT_CONFIG = GemmConfig()
@@ -92,8 +105,8 @@ def supports(M: int, N: int, K: int, R: int, dtype, cfg: GemmConfig = DEFAULT_CO
     dtype = jnp.dtype(dtype)
     return (
         dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        and M % cfg.cta_m == 0
-        and N % cfg.cta_n == 0
+        and M % cfg.cluster_m == 0
+        and N % cfg.cluster_n == 0
         and K % cfg.tile_k == 0
         and R % 16 == 0
         and 16 <= R <= 128
@@ -159,7 +172,7 @@ def matmul_expand(
     isz = jnp.dtype(dtype).itemsize
     tile_m, tile_n, tile_k, epi = cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.epi
     cta_m, cta_n, split_m = cfg.cta_m, cfg.cta_n, cfg.wg_split == "m"
-    m_tiles, n_tiles, k_steps = M // cta_m, N // cta_n, K // tile_k
+    m_tiles, n_tiles, k_steps = M // cfg.cluster_m, N // cfg.cluster_n, K // tile_k
     op_tr = _transforms(tile_k, isz)  # x tiles [cta_m, tile_k]; W^T tiles [cta_n, tile_k]
     w_tr = op_tr  # W tiles too: wgmma wants one swizzle for both operands
     # wgmma wants one swizzle for both operands: h's rows (R elements) set it for e too
@@ -170,17 +183,24 @@ def matmul_expand(
     minor = 1 if cfg.snake_minor == "n" else 0
     nbuf = cfg.visit_buffers
 
+    # With a cluster the operand both CTAs share is multicast (loaded once into both).
+    x_mc = ("cluster",) if cfg.cluster == "n" else ()
+    w_mc = ("cluster",) if cfg.cluster == "m" else ()
     x_spec = plgpu.BlockSpec(
-        (cta_m, tile_k), lambda k: (0, k), transforms=op_tr, memory_space=plgpu.SMEM
-    )
+        (cta_m, tile_k), lambda k: (0, k), transforms=op_tr, memory_space=plgpu.SMEM,
+        collective_axes=x_mc,
+    )  # fmt: skip
     if transpose_w:
         w_spec = plgpu.BlockSpec(
-            (cta_n, tile_k), lambda k: (0, k), transforms=w_tr, memory_space=plgpu.SMEM
-        )
+            (cta_n, tile_k), lambda k: (0, k), transforms=w_tr, memory_space=plgpu.SMEM,
+            collective_axes=w_mc,
+        )  # fmt: skip
     else:
         w_spec = plgpu.BlockSpec(
-            (tile_k, cta_n), lambda k: (k, 0), transforms=w_tr, memory_space=plgpu.SMEM
-        )
+            (tile_k, cta_n), lambda k: (k, 0), transforms=w_tr, memory_space=plgpu.SMEM,
+            collective_axes=w_mc,
+        )  # fmt: skip
+    grid_axis = "cluster_grid" if cfg.cluster else "sm"
 
     def pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -209,10 +229,16 @@ def matmul_expand(
         def scope(ring, out_smem, h_smem, e_smem, bars):
             wg = lax.axis_index("wg")
 
-            @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
+            @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes=grid_axis)
             def tile_loop(info: plgpu.NDLoopInfo):
                 (lin,) = info.index
                 mi, ni = plgpu.planar_snake(lin, (m_tiles, n_tiles), minor, cfg.snake_width)
+                if cfg.cluster:  # (mi, ni) index cluster tiles: this CTA's half
+                    cta = lax.axis_index("cluster")
+                    if cfg.cluster == "m":
+                        mi = mi * 2 + cta
+                    else:
+                        ni = ni * 2 + cta
                 rows = pl.ds(mi * cta_m, cta_m)
                 cols = pl.ds(ni * cta_n, cta_n)
                 # This warpgroup's piece: its row tile (indexes the visits) and columns.
@@ -302,12 +328,15 @@ def matmul_expand(
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    grid = min(num_sms or _num_sms(), m_tiles * n_tiles)
+    csize = 2 if cfg.cluster else 1
+    grid = min((num_sms or _num_sms()) // csize, m_tiles * n_tiles)
+    cluster_kw = dict(cluster=(2,), cluster_names=("cluster",)) if cfg.cluster else {}
     call = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((M, N), dtype),
         grid=(grid,),
-        grid_names=("sm",),
+        grid_names=(grid_axis,),
+        **cluster_kw,
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),

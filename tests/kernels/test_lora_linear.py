@@ -305,7 +305,8 @@ def test_visits_cover_each_row_once():
 
 @pytest.mark.parametrize(
     "cfg",
-    [SMALL, pytest.param(SMALL_N, marks=pytest.mark.slow),
+    [SMALL, dataclasses.replace(SMALL, cluster="n"), dataclasses.replace(SMALL, cluster="m"),
+     pytest.param(SMALL_N, marks=pytest.mark.slow),
      pytest.param(dataclasses.replace(SMALL, visit_buffers=1, epi_slots=1),
                   marks=pytest.mark.slow)],
 )  # fmt: skip
@@ -337,7 +338,8 @@ def test_kernel_visit_sum(cfg):
 @pytest.mark.parametrize(
     "cfg",
     [mm.DEFAULT_CONFIG, mm.GemmConfig(wg_split="n"), mm.GemmConfig(tile_k=32, stages=6),
-     mm.GemmConfig(stages=4, epi_slots=1, visit_buffers=1)],
+     mm.GemmConfig(stages=4, epi_slots=1, visit_buffers=1), mm.GemmConfig(cluster="n"),
+     mm.GemmConfig(cluster="m")],
 )  # fmt: skip
 def test_kernel_lowers_for_cuda(cfg, transpose_w):
     """The kernel passes Mosaic GPU's lowering (layout inference, shared-memory budget) for a
@@ -369,6 +371,11 @@ def test_auto_and_errors():
         ll.lora_linear(x, w, a, b, gs, scale, impl="fused", small_ops="cuda", gemm_config=SMALL)
     with pytest.raises(ValueError, match="GemmConfig"):
         mm.GemmConfig(tile_m=96)
+    with pytest.raises(ValueError, match=r"GemmConfig.cluster='k' must be None, 'm' or 'n'"):
+        mm.GemmConfig(cluster="k")
+    # A cluster pairs two CTA tiles: N must hold whole pairs of them.
+    assert mm.supports(512, 256, 256, 16, jnp.bfloat16, mm.GemmConfig())
+    assert not mm.supports(512, 128, 256, 16, jnp.bfloat16, mm.GemmConfig(cluster="n"))
     # auto on CPU is the unfused operator with base = x @ w: the same values as the reference
     got = ll.lora_linear(x, w, a, b, gs, scale, rank=rank)
     want = _reference(x, w, a, b, gs, scale, rank, jnp.zeros((x.shape[0], w.shape[1])))[0]
