@@ -381,6 +381,12 @@ GEMM_CONFIGS = {
     "wgM_clM": mm.GemmConfig(cluster="m"),  # W multicast
     "wgM_clN_minN": mm.GemmConfig(cluster="n", snake_minor="n"),
     "wgM_clN_s4_epi1": mm.GemmConfig(cluster="n", stages=4, epi_slots=1, visit_buffers=1),
+    # Stages dividing K / tile_k: one pipeline chained over a CTA's tiles (chain_tiles).
+    "wgM_s2": mm.GemmConfig(stages=2),
+    "wgM_s4_epi1_unchained": mm.GemmConfig(
+        stages=4, epi_slots=1, visit_buffers=1, chain_tiles=False
+    ),
+    "wgN_s2": mm.GemmConfig(stages=2, wg_split="n"),
 }
 
 
@@ -562,8 +568,9 @@ def profile_section() -> list[dict]:
         cases = {"base fwd": base_f, "base fwd+bwd": base_fb}
         variants = {"fused": Fused(cfg), "fused_plan": Fused(cfg, plan=True),
                     "fused_plan_sep": Fused(cfg, plan=True, lora_config=TWO_PASS)}  # fmt: skip
-        if not SMOKE:  # the GEMM in a 2-CTA cluster, x multicast (the shapes pair column tiles)
-            variants["fused_plan_clN"] = Fused(mm.GemmConfig(cluster="n"), plan=True)
+        if not SMOKE:  # 4 stages divide K / tile_k: the pipeline chained over a CTA's tiles
+            s4 = mm.GemmConfig(stages=4, epi_slots=1, visit_buffers=1)
+            variants["fused_plan_s4c"] = Fused(s4, plan=True)
         for name, op in variants.items():
             op.prepare(T, R, ops[4])
             cases[f"{name} fwd"] = fwd_fn(op, True)

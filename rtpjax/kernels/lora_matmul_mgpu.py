@@ -55,6 +55,11 @@ class GemmConfig:
     # Two CTAs of a cluster share one operand's tiles through TMA multicast: "n" (adjacent
     # column tiles, x loaded once for both), "m" (adjacent row tiles, W once), None (no cluster).
     cluster: str | None = None
+    # One producer pipeline across all of a CTA's tiles (jax's pipeline_state START / STEADY /
+    # STOP): the next tile's first loads go out while this tile's epilogue runs, instead of the
+    # ring filling from empty for every tile. Used when K / tile_k is a multiple of `stages` and
+    # every CTA has at least two tiles; else each tile runs its own pipeline.
+    chain_tiles: bool = True
 
     @property
     def cta_m(self) -> int:
@@ -202,7 +207,11 @@ def matmul_expand(
         )  # fmt: skip
     grid_axis = "cluster_grid" if cfg.cluster else "sm"
 
-    def pipeline(body, compute_context):
+    csize = 2 if cfg.cluster else 1
+    grid = min((num_sms or _num_sms()) // csize, m_tiles * n_tiles)
+    chained = cfg.chain_tiles and k_steps % cfg.stages == 0 and m_tiles * n_tiles >= 2 * grid
+
+    def pipeline(body, compute_context, state=None):
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_steps,),
@@ -212,6 +221,7 @@ def matmul_expand(
             num_compute_wgs=_COMPUTE_WGS,
             max_concurrent_steps=cfg.stages,
             compute_context=compute_context,
+            pipeline_state=state,
         )
 
     def kernel(x_g, w_g, h_g, e_g, vstart_g, vslot_g, y_g):
@@ -324,12 +334,22 @@ def matmul_expand(
                                 )
 
                 w_view = w_g.at[cols, :] if transpose_w else w_g.at[:, cols]
-                pipeline(mma, compute_context)(x_g.at[rows, :], w_view, allocations=ring)
+                state = None
+                if chained:  # the CTA's first tile fills the ring, its last one drains it
+                    last = info.num_local_steps - 1
+                    state = jnp.where(
+                        info.local_index == 0,
+                        int(plgpu.PipelinePipeline.START),
+                        jnp.where(
+                            info.local_index == last,
+                            int(plgpu.PipelinePipeline.STOP),
+                            int(plgpu.PipelinePipeline.STEADY),
+                        ),
+                    ).astype(jnp.int32)
+                pipeline(mma, compute_context, state)(x_g.at[rows, :], w_view, allocations=ring)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    csize = 2 if cfg.cluster else 1
-    grid = min((num_sms or _num_sms()) // csize, m_tiles * n_tiles)
     cluster_kw = dict(cluster=(2,), cluster_names=("cluster",)) if cfg.cluster else {}
     call = plgpu.kernel(
         kernel,

@@ -303,16 +303,19 @@ def test_visits_cover_each_row_once():
     np.testing.assert_array_equal(seen, (row_slot < G).astype(int))
 
 
+# K = 96: 3 K steps, not a multiple of 2 stages (one pipeline per tile); K = 128 with 2 SMs: the
+# pipeline chained over each CTA's tiles (pipeline_state), which the cluster cases use too.
 @pytest.mark.parametrize(
-    "cfg",
-    [SMALL, dataclasses.replace(SMALL, cluster="n"), dataclasses.replace(SMALL, cluster="m"),
-     pytest.param(SMALL_N, marks=pytest.mark.slow),
-     pytest.param(dataclasses.replace(SMALL, visit_buffers=1, epi_slots=1),
+    ("cfg", "K", "sms"),
+    [(SMALL, 96, 4), (SMALL, 128, 2), (dataclasses.replace(SMALL, cluster="n"), 128, 4),
+     (dataclasses.replace(SMALL, cluster="m"), 96, 4),
+     pytest.param(SMALL_N, 96, 4, marks=pytest.mark.slow),
+     pytest.param(dataclasses.replace(SMALL, visit_buffers=1, epi_slots=1), 128, 2,
                   marks=pytest.mark.slow)],
 )  # fmt: skip
-def test_kernel_visit_sum(cfg):
+def test_kernel_visit_sum(cfg, K, sms):
     """matmul_expand adds each visit's h @ e[slot] to its tile, forward and transposed W."""
-    M, N, K, R, G = 256, 256, 96, 16, 3
+    M, N, R, G = 256, 256, 16, 3
     k = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(k[0], (M, K), jnp.bfloat16)
     w = jax.random.normal(k[1], (K, N), jnp.bfloat16)
@@ -329,8 +332,9 @@ def test_kernel_visit_sum(cfg):
     for transpose_w in (False, True):
         wt = w.T if transpose_w else w
         got = mm.matmul_expand(
-            x, wt, hv, e, start, slot, transpose_w=transpose_w, cfg=cfg, interpret=True, num_sms=4
-        )
+            x, wt, hv, e, start, slot, transpose_w=transpose_w, cfg=cfg, interpret=True,
+            num_sms=sms,
+        )  # fmt: skip
         assert _rel(got, want) < 5e-3
 
 
@@ -339,12 +343,14 @@ def test_kernel_visit_sum(cfg):
     "cfg",
     [mm.DEFAULT_CONFIG, mm.GemmConfig(wg_split="n"), mm.GemmConfig(tile_k=32, stages=6),
      mm.GemmConfig(stages=4, epi_slots=1, visit_buffers=1), mm.GemmConfig(cluster="n"),
-     mm.GemmConfig(cluster="m")],
+     mm.GemmConfig(cluster="m"), mm.GemmConfig(stages=2), mm.GemmConfig(chain_tiles=False)],
 )  # fmt: skip
 def test_kernel_lowers_for_cuda(cfg, transpose_w):
     """The kernel passes Mosaic GPU's lowering (layout inference, shared-memory budget) for a
-    CUDA target, which interpret mode does not exercise: run here by cross-lowering on CPU."""
-    M = N = K = 1024
+    CUDA target, which interpret mode does not exercise: run here by cross-lowering on CPU.
+    At 4096³ every CTA has several tiles, so configs whose stages divide K / tile_k lower the
+    pipeline chained across tiles (pipeline_state)."""
+    M = N = K = 4096
     G, R = 8, 16
     S = jax.ShapeDtypeStruct
     V = mm.num_visits(M, G, cfg.tile_m)
