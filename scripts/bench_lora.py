@@ -369,23 +369,19 @@ def fusion_report(config: lg.LoraGpuConfig) -> dict:
 
 
 GEMM_CONFIGS = {
-    "wgM_minM_w8": mm.GemmConfig(),
+    "default": mm.GemmConfig(),
+    "wgM_s3_epi2_vb2": mm.GemmConfig(stages=3, epi_slots=2, visit_buffers=2),  # fifth session
     "wgN_minM_w8": mm.GemmConfig(wg_split="n"),
     "wgM_minN_w8": mm.GemmConfig(snake_minor="n"),
     "wgM_minM_w16": mm.GemmConfig(snake_width=16),
     "wgM_n64s4": mm.GemmConfig(tile_n=64, stages=4),
     "wgM_k32s6": mm.GemmConfig(tile_k=32, stages=6),
-    "wgM_s4_epi1": mm.GemmConfig(stages=4, epi_slots=1, visit_buffers=1),
-    "wgN_s4_epi1": mm.GemmConfig(stages=4, epi_slots=1, visit_buffers=1, wg_split="n"),
     "wgM_clN": mm.GemmConfig(cluster="n"),  # x multicast to a 2-CTA cluster (cuBLAS: 1x2)
     "wgM_clM": mm.GemmConfig(cluster="m"),  # W multicast
     "wgM_clN_minN": mm.GemmConfig(cluster="n", snake_minor="n"),
-    "wgM_clN_s4_epi1": mm.GemmConfig(cluster="n", stages=4, epi_slots=1, visit_buffers=1),
     # Stages dividing K / tile_k: one pipeline chained over a CTA's tiles (chain_tiles).
     "wgM_s2": mm.GemmConfig(stages=2),
-    "wgM_s4_epi1_unchained": mm.GemmConfig(
-        stages=4, epi_slots=1, visit_buffers=1, chain_tiles=False
-    ),
+    "default_unchained": mm.GemmConfig(chain_tiles=False),
     "wgN_s2": mm.GemmConfig(stages=2, wg_split="n"),
 }
 
@@ -568,9 +564,9 @@ def profile_section() -> list[dict]:
         cases = {"base fwd": base_f, "base fwd+bwd": base_fb}
         variants = {"fused": Fused(cfg), "fused_plan": Fused(cfg, plan=True),
                     "fused_plan_sep": Fused(cfg, plan=True, lora_config=TWO_PASS)}  # fmt: skip
-        if not SMOKE:  # 4 stages divide K / tile_k: the pipeline chained over a CTA's tiles
-            s4 = mm.GemmConfig(stages=4, epi_slots=1, visit_buffers=1)
-            variants["fused_plan_s4c"] = Fused(s4, plan=True)
+        if not SMOKE:  # the fifth session's GEMM shape: 3 stages, two store and visit buffers
+            s3 = mm.GemmConfig(stages=3, epi_slots=2, visit_buffers=2)
+            variants["fused_plan_s3"] = Fused(s3, plan=True)
         for name, op in variants.items():
             op.prepare(T, R, ops[4])
             cases[f"{name} fwd"] = fwd_fn(op, True)

@@ -45,10 +45,13 @@ class GemmConfig:
     tile_m: int = 128
     tile_n: int = 128
     tile_k: int = 64
-    stages: int = 3  # x/W tiles in flight; 4 does not fit beside the visit buffers at R = 16
+    # x/W tiles in flight. 4 divides K / tile_k for the usual widths, so the pipeline chains
+    # across tiles (chain_tiles); it fits beside one store and one visit buffer at R = 16. H100,
+    # 4096³: 176.0 µs against 178.8 for 3 stages with two of each (docs/kernels/lora.md).
+    stages: int = 4
     epi: int = 64  # the store's square piece
-    epi_slots: int = 2  # store buffers per warpgroup (2: a store overlaps the next piece)
-    visit_buffers: int = 2  # visits whose operands load ahead (the first ones during K)
+    epi_slots: int = 1  # store buffers per warpgroup (2: a store overlaps the next piece)
+    visit_buffers: int = 1  # visits whose operands load ahead (the first ones during K)
     snake_width: int = 8  # output tiles per band of the snake
     snake_minor: str = "m"  # planar_snake's minor dimension
     wg_split: str = "m"

@@ -342,7 +342,7 @@ def test_kernel_visit_sum(cfg, K, sms):
 @pytest.mark.parametrize(
     "cfg",
     [mm.DEFAULT_CONFIG, mm.GemmConfig(wg_split="n"), mm.GemmConfig(tile_k=32, stages=6),
-     mm.GemmConfig(stages=4, epi_slots=1, visit_buffers=1), mm.GemmConfig(cluster="n"),
+     mm.GemmConfig(stages=3, epi_slots=2, visit_buffers=2), mm.GemmConfig(cluster="n"),
      mm.GemmConfig(cluster="m"), mm.GemmConfig(stages=2), mm.GemmConfig(chain_tiles=False)],
 )  # fmt: skip
 def test_kernel_lowers_for_cuda(cfg, transpose_w):
