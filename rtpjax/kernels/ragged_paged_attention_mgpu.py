@@ -142,6 +142,7 @@ def _kernel(
     *,
     K: int,
     B: int,
+    NB: int,
     pps: int,
     page_size: int,
     G: int,
@@ -159,7 +160,8 @@ def _kernel(
     copies = BS // rows_per_copy  # TMA copies per tile per K or V
 
     def body(q_smem, k_smem, v_smem, p_smem, q_bar, k_full, v_full, k_free, v_free, turn):
-        ib = lax.axis_index("blk")
+        # Heaviest first: a sequence's later blocks see more keys, and the grid runs in order.
+        ib = NB - 1 - lax.axis_index("blk")
         kh = lax.axis_index("kvh")
         wg = lax.axis_index("wg")
         base = ib * _META
@@ -373,7 +375,10 @@ def mgpu_ragged_paged_attention(
     """The Mosaic GPU prefill kernel; same inputs as rpa.ragged_paged_attention.
 
     interpret=True runs Mosaic GPU's interpreter (CPU tests); it cannot run a wgmma whose operand
-    sits in registers, so there the config's p_regs is turned off (the math is the same).
+    sits in registers, so there the config's p_regs is turned off (the math is the same). The
+    interpreter runs each warpgroup as a thread that blocks inside XLA:CPU callbacks: with one CPU
+    device it can deadlock (seen: tiles of 128); set
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 first, as tests/conftest.py does.
     """
     rpa.validate_inputs(
         q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
@@ -417,8 +422,9 @@ def mgpu_ragged_paged_attention(
     tail = jnp.concatenate([tail, jnp.zeros((1, page_size, K2, H), q.dtype)], axis=0)
 
     kernel = functools.partial(
-        _kernel, K=K, B=B, pps=pps, page_size=page_size, G=G, cfg=cfg, sm_scale=float(sm_scale),
-        sliding_window=sliding_window, soft_cap=None if soft_cap is None else float(soft_cap),
+        _kernel, K=K, B=B, NB=NB, pps=pps, page_size=page_size, G=G, cfg=cfg,
+        sm_scale=float(sm_scale), sliding_window=sliding_window,
+        soft_cap=None if soft_cap is None else float(soft_cap),
     )  # fmt: skip
     call = plgpu.kernel(
         kernel,
