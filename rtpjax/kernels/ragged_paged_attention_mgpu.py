@@ -393,6 +393,13 @@ def mgpu_ragged_paged_attention(
     cfg = config or choose_config(T, H)
     if interpret and cfg.p_regs:
         cfg = dataclasses.replace(cfg, p_regs=False)
+    elif not interpret and not cfg.p_regs:
+        # Measured on the H100 (2026-11-24): this form never finished (a deadlock); it is the
+        # interpreter's stand-in only.
+        raise ValueError(
+            "MgpuConfig.p_regs=False runs only in interpret mode (on an H100 it deadlocked): "
+            "use p_regs=True on a GPU"
+        )
     why = _unsupported(q.shape, kv_pages.shape, q.dtype, cfg)
     if why is not None:
         raise ValueError(f"mgpu_ragged_paged_attention: {why}")

@@ -131,3 +131,6 @@ def test_supports_and_errors():
     args, _ = make_case(rng, [4], [20], K=1, G=2, H=64, page_size=16, dtype=jnp.float32)
     with pytest.raises(ValueError, match="dtype=float32"):
         mg.mgpu_ragged_paged_attention(*args, sm_scale=0.1)
+    args, _ = make_case(rng, [4], [20], K=1, G=2, H=64, page_size=16, dtype=bf)
+    with pytest.raises(ValueError, match="p_regs=False runs only in interpret mode"):
+        mg.mgpu_ragged_paged_attention(*args, sm_scale=0.1, config=SMALL, interpret=False)
