@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from rtpjax import LLM, SamplingParams, env
 from rtpjax.engine import packing
 from rtpjax.engine.async_engine import warm_up
+from rtpjax.kernels import ragged_paged_attention as rpa
 from rtpjax.models import llama
 from rtpjax.models.params import num_bytes
 from rtpjax.models.presets import preset, random_params
@@ -74,6 +75,7 @@ def build(args) -> LLM:
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         num_scheduler_steps=args.num_scheduler_steps,
         cudnn_prefill=args.cudnn_prefill,
+        attention_impl=getattr(args, "attention_impl", "auto"),
         progress=False,
     )
 
@@ -325,6 +327,13 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-context", type=int, default=128)
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--prefill-len", type=int, default=512)
+    ap.add_argument(
+        "--attention-impl",
+        default="auto",
+        choices=rpa.IMPLS,
+        help="the paged attention path (auto: on Hopper the Mosaic GPU kernel for prefill steps "
+        "and the Triton kernel for decode; triton: the Triton kernel for all steps)",
+    )
     ap.add_argument("--phases", default="throughput,decode,idle,prefill")
     ap.add_argument(
         "--num-scheduler-steps",

@@ -1,16 +1,18 @@
-"""Compare the engine's prefill attention paths on one device: paged kernel against cuDNN.
+"""Compare the engine's prefill attention paths on one device (tokens and prompt logprobs).
 
-    python scripts/check_prefill_paths.py --model llama3-1b
+    python scripts/check_prefill_paths.py --model llama3-1b --compare triton,default
 
-Builds the engine twice on the same random weights of the preset, once as by default and once
-with `cudnn_prefill=True` (fresh prefill steps through cuDNN's flash attention, prefill chunks over
-cached prefixes through kernels/prefix_prefill.py), and runs the same long prompts chunked by
-`--max-num-batched-tokens`, so every chunk after the first attends to cached pages at offsets that
-are not page-aligned. Greedy decoding of `--max-tokens` tokens with the logprob of every prompt
-token. Prints how many generated tokens agree and the largest / mean / p99 difference of the
-prompt logprobs; both paths compute in bf16 on a GPU, so the logprobs differ by bf16 rounding and
-a greedy token may flip at a near-tie. Exits 1 if fewer than `--min-equal` of the tokens agree.
-On CPU (where cuDNN is absent) both runs take the same path: a smoke test of the plumbing.
+Builds the engine twice on the same random weights of the preset with two of the attention
+paths: "triton" (the Triton-lowered paged kernel for every step), "default" (on Hopper the
+Mosaic GPU kernel for prefill steps), "cudnn" (`cudnn_prefill=True`: fresh prefill steps through
+cuDNN's flash attention, chunks over cached prefixes through kernels/prefix_prefill.py), and runs
+the same long prompts chunked by `--max-num-batched-tokens`, so every chunk after the first
+attends to cached pages at offsets that are not page-aligned. Greedy decoding of `--max-tokens`
+tokens with the logprob of every prompt token. Prints how many generated tokens agree and the
+largest / mean / p99 difference of the prompt logprobs; both paths compute in bf16 on a GPU, so
+the logprobs differ by bf16 rounding and a greedy token may flip at a near-tie. Exits 1 if fewer
+than `--min-equal` of the tokens agree. On CPU (no cuDNN, no GPU kernels) both runs take the XLA
+path: a smoke test of the plumbing.
 """
 
 from __future__ import annotations
@@ -33,8 +35,18 @@ from rtpjax import SamplingParams  # noqa: E402
 from rtpjax.models.presets import preset  # noqa: E402
 from scripts import bench_offline as bo  # noqa: E402
 
+# A path: the engine's attention settings (attention_impl, cudnn_prefill).
+PATHS = {
+    "default": ("auto", False),  # on Hopper: Mosaic GPU kernel for prefill, Triton for decode
+    "triton": ("triton", False),  # the Triton kernel for every step
+    "cudnn": ("auto", True),  # cuDNN for fresh prefill and chunks over cached prefixes
+}
 
-def run(args, cudnn: bool, prompts: list[dict]) -> tuple[list, dict]:
+
+def run(args, path: str, prompts: list[dict]) -> tuple[list, dict]:
+    impl, cudnn = PATHS[path]
+    if jax.default_backend() != "gpu":
+        impl = "auto"
     ns = argparse.Namespace(
         model="random:" + args.model,
         max_model_len=args.max_model_len,
@@ -45,6 +57,7 @@ def run(args, cudnn: bool, prompts: list[dict]) -> tuple[list, dict]:
         kv_cache_memory_fraction=0.3,
         num_scheduler_steps=1,
         cudnn_prefill=cudnn,
+        attention_impl=impl,
     )
     llm = bo.build(ns)
     sp = SamplingParams(
@@ -52,6 +65,7 @@ def run(args, cudnn: bool, prompts: list[dict]) -> tuple[list, dict]:
     )
     outs = llm.generate(prompts, sp)
     info = {
+        "path": path,
         "cudnn_prefill": llm.engine.runner.cudnn_prefill,
         "variants": llm.engine.runner.num_compiled_variants,
     }
@@ -69,12 +83,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--min-equal", type=float, default=0.9, help="fraction of tokens that agree")
+    ap.add_argument("--compare", default="triton,cudnn", help=f"two of {sorted(PATHS)}")
     args = ap.parse_args(argv)
     lens = [int(v) for v in args.prompt_lens.split(",") if v]
     vocab = preset(args.model).vocab_size
     prompts = [p for i, n in enumerate(lens) for p in bo.random_prompts(1, n, vocab, i + 1)]
-    (paged, info_p), (cudnn, info_c) = run(args, False, prompts), run(args, True, prompts)
-    print(f"paged path: {info_p}; cuDNN path: {info_c}")
+    pair = args.compare.split(",")
+    if len(pair) != 2 or not set(pair) <= set(PATHS):
+        ap.error(f"--compare={args.compare!r} must be two of {sorted(PATHS)}, comma-separated")
+    (paged, info_p), (cudnn, info_c) = run(args, pair[0], prompts), run(args, pair[1], prompts)
+    print(f"A: {info_p}; B: {info_c}")
     diffs, same, total = [], 0, 0
     for (tok_a, lp_a), (tok_b, lp_b) in zip(paged, cudnn):
         same += sum(a == b for a, b in zip(tok_a, tok_b))

@@ -15,9 +15,12 @@ position-sliding_window < j. Output rows of tokens at or beyond cu_q_lens[num_se
 every path here (the TPU kernel's padding rows are zeroed after the call).
 
 Paths (`impl`): "reference" (dense masked softmax in float32, the oracle), "xla" (online softmax
-over blocks of pages in plain jnp: the CPU engine's path and the GPU fallback), "gpu" (a Pallas
-kernel with the Triton lowering, ragged_paged_attention_gpu.py), "tpu" (jax's Pallas TPU kernel,
-called with the same arguments) and "auto" (by jax.default_backend()).
+over blocks of pages in plain jnp: the CPU engine's path and the GPU fallback), "triton" (a Pallas
+kernel with the Triton lowering, ragged_paged_attention_gpu.py: decode and any NVIDIA GPU),
+"mgpu" (a Pallas Mosaic GPU kernel for Hopper, ragged_paged_attention_mgpu.py: TMA, wgmma,
+warp-specialized; prefill), "gpu" ("mgpu" for prefill-like steps on Hopper where it covers the
+shapes, else "triton"), "tpu" (jax's Pallas TPU kernel, called with the same arguments) and
+"auto" (by jax.default_backend()).
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ __all__ = [
     "xla_ragged_paged_attention",
 ]
 
-Impl = Literal["auto", "reference", "xla", "gpu", "tpu"]
-IMPLS = ("auto", "reference", "xla", "gpu", "tpu")
+Impl = Literal["auto", "reference", "xla", "gpu", "triton", "mgpu", "tpu"]
+IMPLS = ("auto", "reference", "xla", "gpu", "triton", "mgpu", "tpu")
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 # Finite, so that a block where a row sees nothing gives exp(MASK - MASK) = 1 under a where, never
 # inf - inf = NaN.
@@ -368,6 +371,27 @@ def _zero_padding_tokens(out: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Arr
     return jnp.where(valid[:, None, None], out, jnp.zeros((), out.dtype))
 
 
+def _is_hopper() -> bool:
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+
+
+def _mgpu_fits(q, kv_pages, page_indices, max_q_len, *, sm_scale, sliding_window, soft_cap) -> bool:
+    """Whether "gpu" takes the Mosaic GPU kernel: a prefill-like step (the engine's
+    max_q_len None; else more tokens than sequences) on a Hopper GPU, shapes it covers. Decode
+    steps stay on the Triton kernel, whose kv splits suit one query token per sequence (docs/
+    kernels/attention.md has both measured)."""
+    del sm_scale
+    T, B = q.shape[0], page_indices.shape[0]
+    prefill_like = (max_q_len is None and T > B) or (max_q_len is not None and max_q_len > 1)
+    if not prefill_like or not _is_hopper():
+        return False
+    from rtpjax.kernels import ragged_paged_attention_mgpu as mgpu
+
+    return mgpu.supports(
+        q.shape, kv_pages.shape, q.dtype, sliding_window=sliding_window, soft_cap=soft_cap
+    )
+
+
 def resolve_impl(impl: Impl, head_dim: int, dtype: jnp.dtype) -> str:
     """The concrete path for `impl` on this backend ("auto" falls back to "xla" for shapes the
     GPU kernel does not cover)."""
@@ -419,7 +443,13 @@ def ragged_paged_attention(
         return ref_ragged_paged_attention(*args, **kw)
     if path == "xla":
         return xla_ragged_paged_attention(*args, **kw, max_q_len=max_q_len)
-    if path == "gpu":
+    if path == "gpu":  # the Mosaic GPU kernel for prefill-like steps on Hopper, else Triton's
+        path = "mgpu" if _mgpu_fits(q, kv_pages, page_indices, max_q_len, **kw) else "triton"
+    if path == "mgpu":
+        from rtpjax.kernels import ragged_paged_attention_mgpu as mgpu
+
+        return mgpu.mgpu_ragged_paged_attention(*args, **kw, max_q_len=max_q_len)
+    if path == "triton":
         from rtpjax.kernels import ragged_paged_attention_gpu as gpu
 
         return gpu.gpu_ragged_paged_attention(*args, **kw, max_q_len=max_q_len)

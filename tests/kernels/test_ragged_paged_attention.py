@@ -258,6 +258,23 @@ def test_auto_on_cpu_is_the_xla_path():
     assert rpa.resolve_impl("gpu", 64, jnp.float32) == "gpu"
 
 
+def test_gpu_path_picks_mosaic_kernel_for_prefill_on_hopper(monkeypatch):
+    """impl "gpu": the Mosaic GPU kernel for prefill-like steps on Hopper, Triton's otherwise."""
+    bf = jnp.bfloat16
+    q, pages = jnp.zeros((64, 32, 128), bf), jnp.zeros((20, 16, 16, 128), bf)
+    table = jnp.zeros((8, 4), jnp.int32)  # B = 8 sequences
+    kw = dict(sm_scale=0.1, sliding_window=None, soft_cap=None)
+    monkeypatch.setattr(rpa, "_is_hopper", lambda: True)
+    assert rpa._mgpu_fits(q, pages, table, None, **kw)  # T = 64 > B: prefill-like
+    assert rpa._mgpu_fits(q, pages, table, 512, **kw)
+    assert not rpa._mgpu_fits(q, pages, table, 1, **kw)  # decode-only step
+    assert not rpa._mgpu_fits(q[:8], pages, table, None, **kw)  # T <= B, no bound: decode-like
+    assert not rpa._mgpu_fits(q.astype(jnp.float32), pages.astype(jnp.float32), table, None,
+                              **kw)  # fmt: skip
+    monkeypatch.setattr(rpa, "_is_hopper", lambda: False)
+    assert not rpa._mgpu_fits(q, pages, table, None, **kw)
+
+
 def test_choose_config_decode_and_prefill():
     dec = gpu.choose_config(64, 64, 32, 8, 128, 2048, num_sms=132)
     assert (dec.block_m, dec.num_splits) == (16, 1)
