@@ -84,7 +84,7 @@ BENCH_CONFIGS = [
     mg.MgpuConfig(block_m=64, block_s=128, stages=3),
     mg.MgpuConfig(block_m=64, block_s=64, stages=4),
     mg.MgpuConfig(block_m=64, block_s=128, stages=2, pingpong=False),
-    mg.MgpuConfig(block_m=64, block_s=64, stages=2, p_regs=False),
+    mg.MgpuConfig(block_m=64, block_s=128, stages=2),
 ]
 
 
