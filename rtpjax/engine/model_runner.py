@@ -145,10 +145,10 @@ class ModelRunner:
         self.batch = InputBatch(self.pages_per_seq, eos, max_num_seqs)
         self._out_layouts: dict[tuple, packing.Layout] = {}  # one per compiled variant
         # Opt-in: steps whose sequences all start at position 0 take cuDNN's flash attention on
-        # GPUs (0.95 of cuDNN against the paged kernel's 0.5; but each such step variant compiles
-        # ~10 s longer on an H200 and fresh steps are rare under load: docs/kernels/attention.md);
-        # so do prefill steps over cached prefixes with no decode row (`_prefix_bucket`: two cuDNN
-        # calls merged by their LSE, 0.82-0.96 of cuDNN, 1.4-1.9x the paged kernel on the H100).
+        # GPUs, and prefill steps over cached prefixes with no decode row two cuDNN calls merged
+        # by their LSE (`_prefix_bucket`). On Hopper the default paged path (the Mosaic GPU
+        # kernel, 0.89-1.01 of cuDNN) is as fast end to end, without the extra step variants
+        # (each compiles ~10 s longer on an H200): docs/kernels/attention.md.
         self.cudnn_prefill = (
             cudnn_prefill
             and attention_impl == "auto"
