@@ -61,7 +61,8 @@ def test_matches_reference(K, G, H, page_size, dtype, q_lens, kv_lens, cfg):
     "K, G, H, page_size, q_lens, kv_lens",
     [(2, 2, 128, 128, [200, 60, 3], [333, 60, 250]),  # tiles of 64 inside pages of 128
      (1, 4, 128, 32, [300], [300]),  # a long fresh prefill: several masked and free tiles
-     (4, 1, 64, 16, [64, 1, 129], [64, 1, 1000])],
+     (4, 1, 64, 16, [64, 1, 129], [64, 1, 1000]),
+     (1, 4, 64, 16, [8, 1, 40], [4096, 4000, 1234])],  # kv lengths to 4,096 (the range)
 )  # fmt: skip
 def test_matches_reference_more(K, G, H, page_size, q_lens, kv_lens):
     rng = np.random.default_rng(7)
