@@ -440,9 +440,15 @@ def _tgmm_kernel(
 
     steps = (jnp.maximum(hi - lo, 0) + BT - 1) // BT
     acc = lax.fori_loop(0, steps, body, jnp.zeros((BK, BN), jnp.float32))
-    orow = (sp * G + g) * K + kk.store  # past the end (S*G*K and beyond) where masked
+    _store_slot_block(out_ref, acc, sp * G + g, K, S * G * K, kk, cols)
+
+
+def _store_slot_block(out_ref, acc, block, K: int, end: int, kk: _Span, cols: _Span) -> None:
+    """Store acc [BK, BN] as rows kk of block `block` (K rows each) of out_ref; masked rows point
+    at `end` (past the array) and are never written."""
+    orow = block * K + kk.store
     if kk.ok is not None:
-        orow = jnp.where(kk.ok, orow, S * G * K)
+        orow = jnp.where(kk.ok, orow, end)
     _store(out_ref, orow, cols.store, acc.astype(out_ref.dtype), _mask(kk.ok, cols.ok))
 
 
@@ -522,10 +528,7 @@ def _udb_kernel(
 
     steps = (jnp.maximum(hi - lo, 0) + BT - 1) // BT
     acc = lax.fori_loop(0, steps, body, jnp.zeros((RP, BN), jnp.float32))
-    orow = (sp * G + g) * R + r_all.store  # past the end (S*G*R and beyond) where masked
-    if r_all.ok is not None:
-        orow = jnp.where(r_all.ok, orow, S * G * R)
-    _store(db_ref, orow, cols.store, acc.astype(db_ref.dtype), _mask(r_all.ok, cols.ok))
+    _store_slot_block(db_ref, acc, sp * G + g, R, S * G * R, r_all, cols)
 
 
 def gmm_tgmm(
