@@ -116,6 +116,7 @@ def run_server(args: ServerArgs) -> int:
             kv_cache_memory_fraction=args.kv_cache_memory_fraction,
             enable_prefix_caching=args.enable_prefix_caching,
             tensor_parallel_size=args.tensor_parallel_size,
+            attention_impl=args.attention_impl,
             dtype=args.dtype,
             seed=args.seed,
             progress=True,

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+ATTENTION_IMPLS = ("auto", "triton", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,10 @@ class ServerArgs:
     # the host's work per token K-fold, but streams arrive K tokens at a time. 1: off.
     num_scheduler_steps: int = 1
     tensor_parallel_size: int = 1
+    # The paged-attention path: "auto" (on Hopper the Mosaic GPU kernel for prefill steps, 0.9-1.0
+    # of cuDNN, the Triton kernel for decode); "triton" (the Triton kernel for every step: each
+    # prefill step variant compiles faster, so the first start's warm-up is shorter); "xla".
+    attention_impl: str = "auto"
     kv_cache_memory_fraction: float = 0.9
     enable_prefix_caching: bool = True
     api_key: str | None = None
@@ -53,6 +58,9 @@ class ServerArgs:
             object.__setattr__(self, "served_model_name", tuple(self.served_model_name))
         for f in dataclasses.fields(self):
             _check_field(f.name, getattr(self, f.name))
+        if self.attention_impl not in ATTENTION_IMPLS:
+            allowed = ", ".join(ATTENTION_IMPLS)
+            raise ValueError(f"attention_impl={self.attention_impl!r} must be one of {allowed}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port} must be in [0, 65535]")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
@@ -104,6 +112,7 @@ _KINDS: dict[str, tuple[type, ...]] = {
     "max_num_batched_tokens": (int, type(None)),
     "num_scheduler_steps": (int,),
     "tensor_parallel_size": (int,),
+    "attention_impl": (str,),
     "kv_cache_memory_fraction": (int, float),
     "enable_prefix_caching": (bool,),
     "api_key": (str, type(None)),
@@ -166,6 +175,11 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
         help="multi-step decode: decode iterations per launch when nothing waits (default 1: off)",
     )
     ap.add_argument("--tensor-parallel-size", type=int, help="devices to shard over (default 1)")
+    ap.add_argument(
+        "--attention-impl",
+        help="paged attention: auto (default; on Hopper the Mosaic GPU kernel for prefill), "
+        "triton (the Triton kernel for every step: a shorter first warm-up), xla",
+    )
     ap.add_argument(
         "--kv-cache-memory-fraction",
         type=float,

@@ -59,8 +59,11 @@ def test_flags_in_vllm_spelling():
             "5",
             "--log-level",
             "debug",
+            "--attention-impl",
+            "triton",
         ]
     )
+    assert args.attention_impl == "triton"
     assert (args.model, args.tokenizer) == ("/m", "/t")
     assert args.served_model_name == ("a", "b") and args.enable_prefix_caching is False
     assert (args.max_model_len, args.max_num_seqs, args.max_num_batched_tokens) == (1024, 8, 512)
@@ -77,6 +80,11 @@ def test_flags_in_vllm_spelling():
 def test_shipped_configs_load(name):
     args = parse_args(["--config", str(REPO / "configs" / "serve" / name)])
     assert isinstance(args, ServerArgs)
+
+
+def test_attention_impl_is_checked():
+    with pytest.raises(ValueError, match="attention_impl='mosaic' must be one of auto, triton"):
+        ServerArgs(attention_impl="mosaic")
 
 
 def test_default_yaml_is_the_defaults():
