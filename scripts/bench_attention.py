@@ -8,7 +8,9 @@ Prints tables and writes JSON:
 - decode at batch {1, 8, 64, 256} x context {512, 2k, 8k, 32k}: time per call and KV bytes read per
   second against that ceiling;
 - prefill of 2k/4k/8k tokens (one sequence, no cache) and a 2k chunk over a cached prefix: TFLOP/s
-  (causal FLOPs actually needed) against cuDNN flash attention on the same shape;
+  (causal FLOPs actually needed) against cuDNN flash attention on the same shape, for the
+  Triton-lowered kernel (on Hopper the engine's prefill takes the Mosaic GPU kernel instead:
+  scripts/bench_attention_mgpu.py measures it the same way beside this kernel and cuDNN);
 - prefill chunks over cached prefixes through cuDNN (kernels/prefix_prefill.py, two cuDNN calls
   merged by LSE) against the paged kernel and against plain contiguous cuDNN calls doing the same
   FLOPs (`--prefix-only` runs only this section);
