@@ -7,7 +7,9 @@ a CPU check of the benchmark itself.
 
 from __future__ import annotations
 
+import datetime
 import os
+import subprocess
 import sys
 import time
 
@@ -24,6 +26,24 @@ from rtpjax.kernels import ragged_paged_attention_gpu as gpu
 T0 = time.time()
 LOG: list[str] = []
 INTERPRET = False  # --smoke (see the module docstring)
+
+
+def run_info() -> dict:
+    """Device, platform, jax version, UTC date and commit of a benchmark run (RTPJAX_COMMIT
+    first: the device machine's copy has no .git)."""
+    commit = os.environ.get("RTPJAX_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.check_output(
+                ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
+            ).strip()
+        except Exception:
+            commit = "unknown"
+    dev = jax.devices()[0]
+    return dict(
+        device=dev.device_kind, platform=dev.platform, jax=jax.__version__, commit=commit,
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    )  # fmt: skip
 
 
 def say(msg: str) -> None:

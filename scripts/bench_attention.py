@@ -29,11 +29,9 @@ calls in straight-line code (JSON `time_unrolled_us`): there XLA's launch gaps s
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -470,17 +468,11 @@ def main() -> None:
         return
     if args.smoke:
         common.INTERPRET = True
-    dev = jax.devices()[0]
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        commit = os.environ.get("RTPJAX_COMMIT", "unknown")
     results = dict(
-        device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
-        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), commit=commit,
+        common.run_info(),
         correctness=[], decode=[], decode_sweep=[], prefill=[], prefill_sweep=[],
     )  # fmt: skip
-    say(f"{dev.device_kind} jax {jax.__version__} commit {commit}")
+    say(f"{results['device']} jax {jax.__version__} commit {results['commit']}")
     rng = np.random.default_rng(0)
     copy_bw = copy_bandwidth()
     results["copy_bw_tb_s"] = copy_bw / 1e12

@@ -22,10 +22,8 @@ through shared memory), XLA attention in place of cuDNN.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import subprocess
 import sys
 import traceback
 
@@ -218,17 +216,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script: interpret mode")
     args = ap.parse_args()
     common.INTERPRET = args.smoke
-    dev = jax.devices()[0]
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        commit = os.environ.get("RTPJAX_COMMIT", "unknown")
-    results = dict(
-        device=dev.device_kind, platform=dev.platform, jax=jax.__version__, commit=commit,
-        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        prefill=[], prefill_sweep=[], correctness=[],
-    )  # fmt: skip
-    say(f"{dev.device_kind} jax {jax.__version__} commit {commit}")
+    results = dict(common.run_info(), prefill=[], prefill_sweep=[], correctness=[])
+    say(f"{results['device']} jax {jax.__version__} commit {results['commit']}")
 
     def dump() -> None:
         results["log"] = LOG
