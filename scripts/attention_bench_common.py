@@ -107,6 +107,41 @@ def read_floor(nbytes: int, iters: int) -> float:
     return t
 
 
+def copy_device_us(nbytes: int, reps: int = 30) -> float:
+    """Device µs (profiler) of an XLA elementwise pass that reads nbytes / 2 and writes nbytes / 2,
+    each call over a different window of >= 400 MB: the copy ceiling at this size, where a
+    kernel's start and drain weigh as much as its bytes."""
+    from device_profile import kernel_times
+
+    n = max(1024, nbytes // 4)  # bf16 elements read (and written)
+    sets = int(min(64, max(2, -(-400_000_000 // (2 * n))))) if not INTERPRET else 2
+    buf = jnp.ones((sets * n,), jnp.bfloat16)
+    f = jax.jit(lambda b, i: lax.dynamic_slice(b, (i * n,), (n,)) + jnp.bfloat16(1))
+    us, _ = kernel_times(lambda i: f(buf, i % sets), 2 if INTERPRET else reps)
+    return sum(us.values()) or float("nan")  # nan: no GPU in the trace (the --smoke run)
+
+
+def layer_device_us(pr, fn, layers: int = 8, reps: int = 10) -> tuple[float, dict[str, float]]:
+    """Device µs per call (profiler) as the engine's step pays it: `layers` calls in one jit
+    sharing the step's metadata (XLA computes what they share once), each over its own page
+    table set, the sets rotating between repetitions so the KV never comes from L2. Returns the
+    time per call and the per-kernel split (µs per call)."""
+    from device_profile import kernel_times
+
+    sets = pr["tables"].shape[0]
+    tables = [pr["tables"][j] for j in range(sets)]  # sliced before the trace
+    step = jax.jit(lambda q, kv, kl, ts, cu, ns: tuple(fn(q, kv, kl, t, cu, ns) for t in ts))
+
+    def call(i):
+        ts = tuple(tables[(i * layers + j) % sets] for j in range(layers))
+        return step(pr["q"], pr["kv"], pr["kv_lens"], ts, pr["cu"], pr["ns"])
+
+    jax.block_until_ready(call(0))
+    us, _ = kernel_times(call, 2 if INTERPRET else reps)
+    per = {k: v / layers for k, v in us.items()}
+    return sum(per.values()) or float("nan"), per
+
+
 # ----------------------------------------------------------------------------- problem setup
 
 

@@ -13,7 +13,9 @@ from collections.abc import Callable
 import jax
 
 
-def kernel_times(fn: Callable[[int], object], repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+def kernel_times(
+    fn: Callable[[int], object], repeats: int
+) -> tuple[dict[str, float], dict[str, float]]:
     """(µs per call, launches per call) of every GPU kernel while fn(i) runs for i in
     range(repeats); fn's results are waited for before the trace closes."""
     from jax.profiler import ProfileData

@@ -429,8 +429,10 @@ def ragged_paged_attention(
     """Attention of a ragged step over the paged KV cache (this step's K/V already written).
 
     max_q_len: optional static upper bound on any sequence's query tokens in this step (pass the
-    engine's bucket, e.g. 1 for decode-only steps). It only picks block shapes; any value is
-    correct. Without it a step with T <= B is treated as decode-like and T > B as prefill-like.
+    engine's bucket, e.g. 1 for decode-only steps). The caller guarantees it: it picks block
+    shapes, and 1 lets the GPU kernel take sequence i as query block i without building the
+    block map. Without it a step with T <= B is treated as decode-like and T > B as
+    prefill-like.
     """
     validate_inputs(
         q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,

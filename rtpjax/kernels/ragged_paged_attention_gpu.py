@@ -115,8 +115,14 @@ def choose_config(
         bq = max(1, block_m // G)
         programs = rpa.num_q_blocks(num_tokens, max_seqs, bq) * num_kv_heads
         txh = num_tokens * num_q_heads * head_dim
-        splits = num_splits(programs, max_kv_len, 64, txh, num_sms)
-        return GpuConfig(block_m, 64, splits, num_warps=4, num_stages=3, prefetch=DECODE_PREFETCH)
+        # Measured on the H100 (docs/kernels/attention.md, seventh session): with fewer programs
+        # than multiprocessors, tiles of 32 keys and 4 waves of splits shorten each program's
+        # chain of dependent loads; with the grid full and no split, 2 stages beat 3.
+        few = programs < (num_sms or _sm_count())
+        block_s = 32 if few else 64
+        splits = num_splits(programs, max_kv_len, block_s, txh, num_sms, waves=4 if few else 2)
+        stages = 2 if splits == 1 else 3
+        return GpuConfig(block_m, block_s, splits, 4, stages, DECODE_PREFETCH)
     block_m = max(128, rpa._pow2_at_least(G))
     return GpuConfig(block_m, 64, 1, num_warps=8, num_stages=3, prefetch=PREFILL_PREFETCH)
 
@@ -141,15 +147,21 @@ def _kernel(
     sliding_window: int | None,
     soft_cap: float | None,
     exact_f32: bool,
+    direct: bool,
 ):
     BM, BS, S = cfg.block_m, cfg.block_s, cfg.num_splits
     BQ = BM // G
     ib, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    seq = blk_seq_ref[ib]
+    if direct:  # decode-only step: block ib is sequence ib's one token (blk_seq_ref: num_seqs)
+        seq = ib
+        live = ib < blk_seq_ref[0]
+    else:
+        seq = blk_seq_ref[ib]
+        live = seq >= 0
 
-    @pl.when(seq >= 0)
+    @pl.when(live)
     def _():
-        q0 = blk_q0_ref[ib]
+        q0 = jnp.int32(0) if direct else blk_q0_ref[ib]
         kv_len = kv_lens_ref[seq]
         q_start = cu_ref[seq]
         q_len = cu_ref[seq + 1] - q_start
@@ -174,6 +186,8 @@ def _kernel(
             lo = (jnp.maximum(0, pos_first - sliding_window + 1) // BS) * BS
             n_free = jnp.int32(0)
         n_tiles = (hi - lo + BS - 1) // BS
+        if direct:  # a live sequence with no token in this step reads nothing
+            n_tiles = jnp.where(q_len > 0, n_tiles, 0)
         per_split = (n_tiles + S - 1) // S
         t_begin = sp * per_split
         t_end = jnp.minimum(n_tiles, t_begin + per_split)
@@ -292,14 +306,21 @@ def gpu_ragged_paged_attention(
             f"GpuConfig.block_m={cfg.block_m} must be >= G={G} query heads per kv head"
         )
     BQ = cfg.block_m // G
-    NB = rpa.num_q_blocks(T, B, BQ)
     S = cfg.num_splits
-    blk_seq, blk_q0, _ = rpa.q_block_map(cu_q_lens, num_seqs, BQ, NB)
+    # Decode-only steps (every sequence at most one query token) need no block map: block i is
+    # sequence i. That drops the map's XLA fusion and a dependent load at each program's start.
+    direct = max_q_len == 1
+    if direct:
+        NB = B
+        blk_seq = blk_q0 = num_seqs.astype(jnp.int32)
+    else:
+        NB = rpa.num_q_blocks(T, B, BQ)
+        blk_seq, blk_q0, _ = rpa.q_block_map(cu_q_lens, num_seqs, BQ, NB)
 
     kernel = functools.partial(
         _kernel, G=G, K=K, N=N, T=T, page_size=page_size, pps=pps, cfg=cfg, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap,
-        exact_f32=jnp.dtype(q.dtype) == jnp.float32,
+        exact_f32=jnp.dtype(q.dtype) == jnp.float32, direct=direct,
     )  # fmt: skip
     if S == 1:
         out_shape = jax.ShapeDtypeStruct((T * N, H), q.dtype)

@@ -277,9 +277,10 @@ def test_gpu_path_picks_mosaic_kernel_for_prefill_on_hopper(monkeypatch):
 
 def test_choose_config_decode_and_prefill():
     dec = gpu.choose_config(64, 64, 32, 8, 128, 2048, num_sms=132)
-    assert (dec.block_m, dec.num_splits) == (16, 1)
+    assert (dec.block_m, dec.block_s, dec.num_splits, dec.num_stages) == (16, 64, 1, 2)
     small = gpu.choose_config(1, 1, 32, 8, 128, 8192, num_sms=132)
     assert small.num_splits > 8  # few programs: split the kv range (flash-decoding)
+    assert (small.block_s, small.num_stages) == (32, 3)  # short tiles, a deeper ring
     pre = gpu.choose_config(4096, 8, 32, 8, 128, 4096, max_q_len=4096, num_sms=132)
     assert (pre.block_m, pre.num_splits) == (128, 1)
 
@@ -360,3 +361,22 @@ def test_sweep_random_shapes(seed):
     for cfg in (None, gpu.GpuConfig(16, 64, 3, prefetch=1)):
         out = gpu.gpu_ragged_paged_attention(*args, **kw, config=cfg, interpret=True)
         assert_close(out, want, dtype, n_valid)
+
+
+@pytest.mark.parametrize("S", [1, 3])
+def test_gpu_kernel_decode_only_step_maps_block_to_sequence(S):
+    """max_q_len=1: block i is sequence i (no block map). Live sequences without a token this
+    step, fewer live sequences than rows, padding tokens: each token still gets its own
+    sequence's attention, everything else stays zero."""
+    rng = np.random.default_rng(21)
+    q_lens, kv_lens = [1, 0, 1, 1, 0, 1], [37, 5, 1, 80, 16, 64]
+    args, case = make_case(rng, q_lens, kv_lens, K=2, G=4, H=64, page_size=16, max_seqs=8,
+                           tokens=7, pages_per_seq=6)  # fmt: skip
+    want = numpy_attention(case, sm_scale=0.2)
+    cfg = gpu.GpuConfig(16, 16, S)
+    out = gpu.gpu_ragged_paged_attention(*args, sm_scale=0.2, config=cfg, max_q_len=1,
+                                         interpret=True)  # fmt: skip
+    assert_close(out, want, jnp.float32, sum(q_lens))
+    # The same step through the block map (no bound given) agrees to the last bit.
+    mapped = gpu.gpu_ragged_paged_attention(*args, sm_scale=0.2, config=cfg, interpret=True)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(mapped))
