@@ -4,8 +4,10 @@
 
 Builds the engine twice on the same random weights of the preset with two of the attention
 paths: "triton" (the Triton-lowered paged kernel for every step), "default" (on Hopper the
-Mosaic GPU kernel for prefill steps), "cudnn" (`cudnn_prefill=True`: fresh prefill steps through
-cuDNN's flash attention, chunks over cached prefixes through kernels/prefix_prefill.py), and runs
+Mosaic GPU kernel for prefill steps, the Triton kernel for decode steps), "xla" (XLA's
+attention for every step: the reference for the decode kernel too), "cudnn"
+(`cudnn_prefill=True`: fresh prefill steps through cuDNN's flash attention, chunks over cached
+prefixes through kernels/prefix_prefill.py), and runs
 the same long prompts chunked by `--max-num-batched-tokens`, so every chunk after the first
 attends to cached pages at offsets that are not page-aligned. Greedy decoding of `--max-tokens`
 tokens with the logprob of every prompt token. Prints how many generated tokens agree and the
@@ -39,6 +41,7 @@ from scripts import bench_offline as bo  # noqa: E402
 PATHS = {
     "default": ("auto", False),  # on Hopper: Mosaic GPU kernel for prefill, Triton for decode
     "triton": ("triton", False),  # the Triton kernel for every step
+    "xla": ("xla", False),  # XLA's attention for every step, decode included
     "cudnn": ("auto", True),  # cuDNN for fresh prefill and chunks over cached prefixes
 }
 
