@@ -363,8 +363,8 @@ def test_sweep_random_shapes(seed):
         assert_close(out, want, dtype, n_valid)
 
 
-@pytest.mark.parametrize("S", [1, 3])
-def test_gpu_kernel_decode_only_step_maps_block_to_sequence(S):
+@pytest.mark.parametrize("S,merge_kernel", [(1, True), (3, True), (5, False)])
+def test_gpu_kernel_decode_only_step_maps_block_to_sequence(S, merge_kernel):
     """max_q_len=1: block i is sequence i (no block map). Live sequences without a token this
     step, fewer live sequences than rows, padding tokens: each token still gets its own
     sequence's attention, everything else stays zero."""
@@ -373,7 +373,7 @@ def test_gpu_kernel_decode_only_step_maps_block_to_sequence(S):
     args, case = make_case(rng, q_lens, kv_lens, K=2, G=4, H=64, page_size=16, max_seqs=8,
                            tokens=7, pages_per_seq=6)  # fmt: skip
     want = numpy_attention(case, sm_scale=0.2)
-    cfg = gpu.GpuConfig(16, 16, S)
+    cfg = gpu.GpuConfig(16, 16, S, merge_kernel=merge_kernel)
     out = gpu.gpu_ragged_paged_attention(*args, sm_scale=0.2, config=cfg, max_q_len=1,
                                          interpret=True)  # fmt: skip
     assert_close(out, want, jnp.float32, sum(q_lens))
