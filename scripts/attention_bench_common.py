@@ -113,12 +113,13 @@ def copy_device_us(nbytes: int, reps: int = 30) -> float:
     kernel's start and drain weigh as much as its bytes."""
     from device_profile import kernel_times
 
-    n = max(1024, nbytes // 4)  # bf16 elements read (and written)
+    n = max(1024, min(nbytes // 4, 1 << 29))  # bf16 elements read (and written), <= 2 GB
+    scale = max(1.0, nbytes / (4 * n))  # past 2 GB the copy runs at its asymptote: scale it
     sets = int(min(64, max(2, -(-400_000_000 // (2 * n))))) if not INTERPRET else 2
     buf = jnp.ones((sets * n,), jnp.bfloat16)
     f = jax.jit(lambda b, i: lax.dynamic_slice(b, (i * n,), (n,)) + jnp.bfloat16(1))
     us, _ = kernel_times(lambda i: f(buf, i % sets), 2 if INTERPRET else reps)
-    return sum(us.values()) or float("nan")  # nan: no GPU in the trace (the --smoke run)
+    return scale * sum(us.values()) or float("nan")  # nan: no GPU in the trace (--smoke)
 
 
 def layer_device_us(pr, fn, layers: int = 8, reps: int = 10) -> tuple[float, dict[str, float]]:
