@@ -90,8 +90,9 @@ def read_floor(nbytes: int, iters: int) -> float:
     `timed` uses: a sum over a window of that many bytes, each iteration a different window of a
     buffer of >= 400 MB (so nothing comes from the 50 MB L2). The honest floor for a small decode
     call, whose bytes take less time to stream than a kernel takes to start and drain."""
-    n = max(1024, nbytes // 2)  # bf16 elements per window
-    sets = int(min(128, max(2, -(-400_000_000 // nbytes)))) if not INTERPRET else 2
+    n = max(1024, min(nbytes // 2, 1 << 30) // 1024 * 1024)  # bf16 elements per window, <= 2 GB
+    scale = max(1.0, nbytes / (2 * n))  # past 2 GB the read runs at its asymptote: scale it
+    sets = int(min(128, max(2, -(-400_000_000 // (2 * n))))) if not INTERPRET else 2
     buf = jnp.ones((sets * n,), jnp.bfloat16)
 
     @jax.jit
@@ -104,7 +105,7 @@ def read_floor(nbytes: int, iters: int) -> float:
 
     t = median_time(f, buf) / iters
     del buf
-    return t
+    return scale * t
 
 
 def copy_device_us(nbytes: int, reps: int = 30) -> float:
