@@ -112,7 +112,7 @@ def copy_device_us(nbytes: int, reps: int = 30) -> float:
     """Device µs (profiler) of an XLA elementwise pass that reads nbytes / 2 and writes nbytes / 2,
     each call over a different window of >= 400 MB: the copy ceiling at this size, where a
     kernel's start and drain weigh as much as its bytes."""
-    from device_profile import kernel_times
+    from scripts.device_profile import kernel_times
 
     n = max(1024, min(nbytes // 4, 1 << 29))  # bf16 elements read (and written), <= 2 GB
     scale = max(1.0, nbytes / (4 * n))  # past 2 GB the copy runs at its asymptote: scale it
@@ -128,7 +128,7 @@ def layer_device_us(pr, fn, layers: int = 8, reps: int = 10) -> tuple[float, dic
     sharing the step's metadata (XLA computes what they share once), each over its own page
     table set, the sets rotating between repetitions so the KV never comes from L2. Returns the
     time per call and the per-kernel split (µs per call)."""
-    from device_profile import kernel_times
+    from scripts.device_profile import kernel_times
 
     sets = pr["tables"].shape[0]
     tables = [pr["tables"][j] for j in range(sets)]  # sliced before the trace

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import json
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -30,9 +28,9 @@ from rtpjax import env
 env.configure_xla()  # before jax starts: the serving XLA flags (loop graphs)
 
 import jax  # noqa: E402
-from jax.profiler import ProfileData  # noqa: E402
 
 from scripts import bench_offline as bo  # noqa: E402
+from scripts.device_profile import kernel_times  # noqa: E402
 
 # Kernel kinds by name fragment, first match wins (XLA's fusion names say what they start from).
 KINDS = ("ragged_paged_attention", "skinny_matmul", "nvjet", "gemm", "cutlass", "cudnn",
@@ -44,28 +42,6 @@ def kind(name: str) -> str:
     return next((k for k in KINDS if k in low), "other")
 
 
-def kernel_times(fn, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
-    """(µs per call, launches per call) of every GPU kernel while fn() runs `repeats` times."""
-    d = tempfile.mkdtemp(prefix="decode_prof_")
-    with jax.profiler.trace(d):
-        for _ in range(repeats):
-            fn()
-        jax.effects_barrier()
-    us: dict[str, float] = collections.Counter()
-    count: dict[str, float] = collections.Counter()
-    for path in glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True):
-        for plane in ProfileData.from_file(path).planes:
-            if not plane.name.startswith("/device:GPU"):
-                continue
-            for line in plane.lines:
-                if not line.name.startswith("Stream"):
-                    continue
-                for ev in line.events:
-                    us[ev.name] += ev.duration_ns / 1e3 / repeats
-                    count[ev.name] += 1 / repeats
-    return dict(us), dict(count)
-
-
 def profile_case(llm, batch: int, context: int, repeats: int, top: int, hlo_dir=None) -> dict:
     runner = llm.engine.runner
     prepared = bo._full_decode_step(llm, batch, context, "prof")
@@ -75,7 +51,7 @@ def profile_case(llm, batch: int, context: int, repeats: int, top: int, hlo_dir=
         with open(path, "w") as f:
             f.write(runner.lower(prepared).compile().as_text())
 
-    def replay() -> None:
+    def replay(_: int) -> None:
         runner.execute(prepared)
         jax.block_until_ready((runner.kv, runner.prev_sampled))
 

@@ -530,35 +530,11 @@ def components() -> list[dict]:
 
 
 def device_breakdown(fn, args, reps: int = 10) -> dict[str, float]:
-    """Device microseconds per call of each kernel `fn` launches, read from a jax.profiler trace
-    (GPU stream lines only; names as XLA/Pallas give them)."""
-    import glob
-    import tempfile
+    """Device microseconds per call of each kernel `fn` launches (scripts/device_profile.py)."""
+    from scripts.device_profile import kernel_times
 
-    from jax.profiler import ProfileData
-
-    reps = 1 if SMOKE else reps
     jax.block_until_ready(fn(*args))
-    d = tempfile.mkdtemp(prefix="lora_prof_")
-    with jax.profiler.trace(d):
-        for _ in range(reps):
-            r = fn(*args)
-        jax.block_until_ready(r)
-    out: dict[str, float] = {}
-    for path in glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True):
-        for plane in ProfileData.from_file(path).planes:
-            if not plane.name.startswith("/device:GPU"):
-                continue
-            names = [line.name for line in plane.lines]
-            if not getattr(device_breakdown, "said", False):
-                device_breakdown.said = True
-                say(f"profile: plane {plane.name} lines {names}")
-            for line in plane.lines:
-                if not line.name.startswith("Stream"):
-                    continue
-                for ev in line.events:
-                    out[ev.name] = out.get(ev.name, 0.0) + ev.duration_ns / 1e3 / reps
-    return out
+    return kernel_times(lambda _: fn(*args), 1 if SMOKE else reps)[0]
 
 
 def profile_section() -> list[dict]:
