@@ -520,20 +520,16 @@ def main() -> None:
         dump()
         if args.sweep:
 
-            def dec_cfgs(B, ctx):
-                progs = B * 8
-                txh = B * 32 * 128
-                s2 = gpu.num_splits(progs, ctx, 64, txh, waves=2)
-                s4 = gpu.num_splits(progs, ctx, 64, txh, waves=4)
-                s8 = gpu.num_splits(progs, ctx, 64, txh, waves=8)
-                return [
-                    gpu.GpuConfig(16, 64, s2, 4, 3, 0),
-                    gpu.GpuConfig(16, 64, s4, 4, 3, 0),
-                    gpu.GpuConfig(16, 64, s4, 4, 3, 1),
-                    gpu.GpuConfig(16, 64, s4, 4, 3, 2),
-                    gpu.GpuConfig(16, 64, s8, 4, 3, 2),
-                    gpu.GpuConfig(16, 32, s4, 4, 3, 2),
-                ]
+            def dec_cfgs(B, ctx):  # waves of splits x tile x stages x prefetch
+                progs, txh, out = B * 8, B * 32 * 128, [None]
+                for w in (1, 2, 4, 8):
+                    for bs, st, pf in ((64, 3, 0), (32, 3, 0), (128, 3, 0), (64, 2, 0),
+                                       (64, 4, 0), (64, 3, 2), (32, 2, 0)):  # fmt: skip
+                        if w in (1, 8) and (bs, st, pf) != (64, 3, 0):
+                            continue
+                        S = gpu.num_splits(progs, ctx, bs, txh, waves=w)
+                        out.append(gpu.GpuConfig(16, bs, S, 4, st, pf))
+                return out
 
             for B, ctx in [(1, 512), (1, 8192), (8, 2048), (64, 512), (64, 2048), (8, 32768)]:
                 decode_section(rng, results, copy_bw, [B], [ctx], args.page_size, dec_cfgs)
