@@ -122,6 +122,14 @@ DEFAULT_CONFIG = LoraGpuConfig()
 # --------------------------------------------------------------------------------- visit map
 
 
+def _bounds(m: lora.GroupMeta, T: int) -> jax.Array:
+    """i32[2*(G+1)]: each slot's first rows, the tail's (rows past the groups) last, then each
+    one's end."""
+    starts = jnp.concatenate([m.starts, m.ends[-1:]])  # i32[G+1]
+    ends = jnp.concatenate([m.ends, jnp.full((1,), T, jnp.int32)])  # i32[G+1]
+    return jnp.concatenate([starts, ends]).astype(jnp.int32)
+
+
 def visit_map(m: lora.GroupMeta, T: int, block_t: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(visit_slot i32[NV], visit_tile i32[NV], bounds i32[2, G+1]) with NV = ceil(T/bt) + G.
 
@@ -129,8 +137,7 @@ def visit_map(m: lora.GroupMeta, T: int, block_t: int) -> tuple[jax.Array, jax.A
     each slot's [start, end) rows, the tail's included.
     """
     G = m.starts.shape[0]
-    starts = jnp.concatenate([m.starts, m.ends[-1:]])  # i32[G+1]
-    ends = jnp.concatenate([m.ends, jnp.full((1,), T, jnp.int32)])  # i32[G+1]
+    starts, ends = _bounds(m, T).reshape(2, G + 1)
     first = starts // block_t
     n_tiles = jnp.where(ends > starts, (ends - 1) // block_t - first + 1, 0)  # i32[G+1]
     cum = jnp.cumsum(n_tiles)
@@ -462,8 +469,11 @@ def tgmm(
     cfg: KernelConfig,
     interpret: bool = False,
     num_sms: int = 132,
+    bounds: jax.Array | None = None,  # i32[2*(G+1)]: visit_map's bounds, flattened
 ) -> jax.Array:  # [G, K, N] in out_dtype; empty slots 0
-    """Per slot, the sum over its rows of lhs^T rhs (float32 accumulation)."""
+    """Per slot, the sum over its rows of lhs^T rhs (float32 accumulation). `bounds` (each
+    slot's and the tail's [start, end) rows, as visit_map gives them) saves building them here:
+    a step that shares one row grouping across projections builds them once."""
     T, K = lhs.shape
     N = rhs.shape[1]
     bk = min(cfg.block_k, _pow2(K))
@@ -471,8 +481,8 @@ def tgmm(
     cfg = dataclasses.replace(cfg, block_k=bk, block_n=bn)
     programs = G * _cdiv(K, bk) * _cdiv(N, bn)
     S = cfg.splits or max(1, min(8, (2 * num_sms) // programs))
-    starts = jnp.concatenate([m.starts, m.ends[-1:]])
-    ends = jnp.concatenate([m.ends, jnp.full((1,), T, jnp.int32)])
+    if bounds is None:
+        bounds = _bounds(m, T)
     out = pl.pallas_call(
         functools.partial(_tgmm_kernel, G=G, S=S, cfg=cfg),
         # One split writes the result in its dtype; several write float32 partials to sum.
@@ -481,33 +491,36 @@ def tgmm(
         compiler_params=cfg.params(),
         interpret=interpret,
         name=f"lora_tgmm_t{cfg.block_t}_k{bk}_n{bn}_s{S}",
-    )(jnp.concatenate([starts, ends]).astype(jnp.int32), lhs, rhs)
+    )(bounds, lhs, rhs)
     out = out.reshape(S, G, K, N)
     return (out[0] if S == 1 else jnp.sum(out, axis=0)).astype(out_dtype)
 
 
 def _udb_kernel(
-    bounds_ref,  # i32[2*G]: starts then ends
+    bounds_ref,  # i32[2*(G+1)]: starts then ends (the tail's last in each)
     rank_ref,  # i32[G]
+    scale_ref,  # f32[G]: read only when scale_sp
     dy_ref,  # [T, O]
     b_ref,  # [G*R, O]
-    sp_ref,  # [T, R]
+    sp_ref,  # [T, R]: sp, or s (unscaled) when scale_sp
     u_ref,  # f32[NN*T, R]: column block j's share of u in rows j*T ..
     db_ref,  # [S*G*R, O]: the output dtype when S == 1, else f32 partials
     *,
     G: int,
     S: int,
     cfg: KernelConfig,
+    scale_sp: bool,
 ):
     T, O = dy_ref.shape
     R = sp_ref.shape[1]
     BT, BN, RP = cfg.block_t, cfg.block_n, _pow2(R)
     NN = _cdiv(O, BN)
     g, j, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    start, end = bounds_ref[g], bounds_ref[G + g]
+    start, end = bounds_ref[g], bounds_ref[G + 1 + g]
     per = (((end - start + S - 1) // S + BT - 1) // BT) * BT  # rows per split, whole tiles
     lo = start + sp * per
     hi = jnp.minimum(end, lo + per)
+    row_scale = scale_ref[g] if scale_sp else None
     cols = _span(j * BN, BN, O)
     r_all = _span(0, RP, R)
     # b's rows and sp's columns past the slot's rank are never read (b may hold anything
@@ -521,7 +534,10 @@ def _udb_kernel(
         ok = rows < hi
         rc = jnp.minimum(rows, T - 1)
         dyt = _load(dy_ref, rc, cols.load, _mask(ok, cols.ok))  # [BT, BN], read once for both
-        spt = _load(sp_ref, rc, r_live.load, _mask(ok, r_live.ok)).astype(dyt.dtype)  # [BT, RP]
+        spt = _load(sp_ref, rc, r_live.load, _mask(ok, r_live.ok))  # [BT, RP]
+        if scale_sp:  # the forward's scale and cast, here instead of in an XLA pass over s
+            spt = spt.astype(jnp.float32) * row_scale
+        spt = spt.astype(dyt.dtype)
         u = _dot(dyt, bt, trans_b=True)  # f32[BT, RP]
         _store(u_ref, jnp.where(ok, j * T + rc, NN * T), r_all.store, u, _mask(ok, r_all.ok))
         return acc + _dot(spt, dyt, trans_a=True)  # f32[RP, BN]
@@ -541,6 +557,8 @@ def gmm_tgmm(
     cfg: KernelConfig,
     interpret: bool = False,
     num_sms: int = 132,
+    scale_sp: bool = False,
+    bounds: jax.Array | None = None,  # i32[2*(G+1)]: visit_map's bounds, flattened
 ) -> tuple[jax.Array, jax.Array]:  # (u f32[T, R], db [G, R, O] in out_dtype)
     """The backward's u = dy · B_g^T and dB_g = sum over the slot's rows of sp^T dy, from one
     pass over dy (gmm(dy, b, trans=True) and tgmm(sp, dy) read it once each).
@@ -552,7 +570,9 @@ def gmm_tgmm(
     ([O / block_n, T, R], 4 MB at T = 4096, R = 16, block_n = 256), which XLA sums with the
     mask. cfg.splits (0 = automatic: more when G · O / block_n is under 2 programs per SM)
     splits each slot's rows; dB then comes from float32 partials summed by XLA, as in tgmm.
-    cfg.block_k is not used."""
+    cfg.block_k is not used. scale_sp: `sp` is the unscaled s (f32) and each row is scaled by
+    its slot's m.scale and cast to dy's dtype in the kernel (the same rounding as doing it
+    first). `bounds` as in tgmm."""
     T, O = dy.shape
     G, R = b.shape[0], b.shape[1]
     if b.shape != (G, R, O) or sp.shape != (T, R) or m.starts.shape != (G,):
@@ -564,9 +584,10 @@ def gmm_tgmm(
     cfg = dataclasses.replace(cfg, block_n=bn)
     nn = _cdiv(O, bn)
     S = cfg.splits or max(1, min(16, (2 * num_sms) // (G * nn)))
-    bounds = jnp.concatenate([m.starts, m.ends]).astype(jnp.int32)  # i32[2G]
+    if bounds is None:
+        bounds = _bounds(m, T)
     u_parts, db = pl.pallas_call(
-        functools.partial(_udb_kernel, G=G, S=S, cfg=cfg),
+        functools.partial(_udb_kernel, G=G, S=S, cfg=cfg, scale_sp=scale_sp),
         out_shape=(
             jax.ShapeDtypeStruct((nn * T, R), jnp.float32),
             jax.ShapeDtypeStruct((S * G * R, O), out_dtype if S == 1 else jnp.float32),
@@ -575,7 +596,7 @@ def gmm_tgmm(
         compiler_params=cfg.params(),
         interpret=interpret,
         name=f"lora_udb_t{cfg.block_t}_n{bn}_s{S}",
-    )(bounds, m.rank, dy, b.reshape(G * R, O), sp)
+    )(bounds, m.rank, m.scale.astype(jnp.float32), dy, b.reshape(G * R, O), sp)
     # Rows past the groups are written by no program (whatever memory held): the select drops
     # them, as it drops nothing else (columns past a rank are already 0).
     u = u_parts if nn == 1 else jnp.sum(u_parts.reshape(nn, T, R), axis=0)

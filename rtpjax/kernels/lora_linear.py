@@ -122,7 +122,7 @@ def _shrink(lhs, w, m, trans, small, cfg, interpret, vm=None):
     return jnp.where(lora.live_mask(m, w.shape[1 if trans else 2]), s, 0.0)
 
 
-def _per_slot(big, small_side, m, G, dtype, small, cfg, interpret):
+def _per_slot(big, small_side, m, G, dtype, small, cfg, interpret, bounds=None):
     """[G, K, R]: per slot, the sum over its rows of big^T small_side (big [T, K], small_side
     [T, R] zero outside live ranks): the grads of A (x, du) and of B^T (dy, scale·s).
     "xla": small_side spread over its slot's R columns of G·R, then one dense product; rows
@@ -132,7 +132,7 @@ def _per_slot(big, small_side, m, G, dtype, small, cfg, interpret):
         spread = jnp.where(own, small_side[:, None, :], jnp.zeros((), small_side.dtype))
         out = jnp.einsum("TK,TGR->GKR", big, spread, preferred_element_type=jnp.float32)
         return out.astype(dtype)
-    return lg.tgmm(big, small_side, m, G, dtype, cfg=cfg, interpret=interpret)
+    return lg.tgmm(big, small_side, m, G, dtype, cfg=cfg, interpret=interpret, bounds=bounds)
 
 
 def _rank_zeroed(v, plan, axis):
@@ -168,11 +168,13 @@ def _fused_bwd(gcfg, lcfg, small, interpret, res, dy):
     m = plan.meta(scale)
     G = a.shape[0]
     rs = lora.row_scale(m)[:, None]
-    sp = (s * rs).astype(dy.dtype)
+    bounds = plan.vm[2].reshape(-1)  # the grouped kernels' row ranges, built once per plan
     one_pass = small == "kernel" and lcfg.fused_udb
-    if one_pass:  # u and dB both read dy: one kernel, one pass
-        u, db = lg.gmm_tgmm(dy, b, sp, m, b.dtype, cfg=lcfg.udb, interpret=interpret)
+    if one_pass:  # u and dB both read dy: one kernel, one pass; s scaled in the kernel
+        u, db = lg.gmm_tgmm(dy, b, s, m, b.dtype, cfg=lcfg.udb, interpret=interpret,
+                            scale_sp=True, bounds=bounds)  # fmt: skip
     else:
+        sp = (s * rs).astype(dy.dtype)
         vm = _vm_for(plan, lcfg.shrink_t, lcfg)
         u = _shrink(dy, b, m, True, small, lcfg.shrink_t, interpret, vm)
     du = (u * rs).astype(x.dtype)
@@ -182,11 +184,11 @@ def _fused_bwd(gcfg, lcfg, small, interpret, res, dy):
         _rank_zeroed(a, plan, 2).astype(x.dtype), plan.vis_start, plan.vis_slot,
         transpose_w=True, transpose_e=True, cfg=gcfg, interpret=interpret,
     )  # fmt: skip
-    da = _per_slot(x, du, m, G, a.dtype, small, lcfg.tgmm, interpret)
+    da = _per_slot(x, du, m, G, a.dtype, small, lcfg.tgmm, interpret, bounds)
     if small == "xla":  # the dense product gives dB^T [G, O, R]
         db = jnp.swapaxes(_per_slot(dy, sp, m, G, b.dtype, small, None, interpret), 1, 2)
     elif not one_pass:
-        db = lg.tgmm(sp, dy, m, G, b.dtype, cfg=lcfg.tgmm, interpret=interpret)
+        db = lg.tgmm(sp, dy, m, G, b.dtype, cfg=lcfg.tgmm, interpret=interpret, bounds=bounds)
     # W is frozen in LoRA training; its gradient is here for completeness, and XLA drops it
     # when nobody asks for it.
     dw = jnp.einsum("TI,TO->IO", x, dy, preferred_element_type=jnp.float32).astype(w.dtype)
