@@ -499,17 +499,15 @@ def tgmm(
 def _udb_kernel(
     bounds_ref,  # i32[2*(G+1)]: starts then ends (the tail's last in each)
     rank_ref,  # i32[G]
-    scale_ref,  # f32[G]: read only when scale_sp
     dy_ref,  # [T, O]
     b_ref,  # [G*R, O]
-    sp_ref,  # [T, R]: sp, or s (unscaled) when scale_sp
+    sp_ref,  # [T, R]
     u_ref,  # f32[NN*T, R]: column block j's share of u in rows j*T ..
     db_ref,  # [S*G*R, O]: the output dtype when S == 1, else f32 partials
     *,
     G: int,
     S: int,
     cfg: KernelConfig,
-    scale_sp: bool,
 ):
     T, O = dy_ref.shape
     R = sp_ref.shape[1]
@@ -520,7 +518,6 @@ def _udb_kernel(
     per = (((end - start + S - 1) // S + BT - 1) // BT) * BT  # rows per split, whole tiles
     lo = start + sp * per
     hi = jnp.minimum(end, lo + per)
-    row_scale = scale_ref[g] if scale_sp else None
     cols = _span(j * BN, BN, O)
     r_all = _span(0, RP, R)
     # b's rows and sp's columns past the slot's rank are never read (b may hold anything
@@ -534,10 +531,7 @@ def _udb_kernel(
         ok = rows < hi
         rc = jnp.minimum(rows, T - 1)
         dyt = _load(dy_ref, rc, cols.load, _mask(ok, cols.ok))  # [BT, BN], read once for both
-        spt = _load(sp_ref, rc, r_live.load, _mask(ok, r_live.ok))  # [BT, RP]
-        if scale_sp:  # the forward's scale and cast, here instead of in an XLA pass over s
-            spt = spt.astype(jnp.float32) * row_scale
-        spt = spt.astype(dyt.dtype)
+        spt = _load(sp_ref, rc, r_live.load, _mask(ok, r_live.ok)).astype(dyt.dtype)  # [BT, RP]
         u = _dot(dyt, bt, trans_b=True)  # f32[BT, RP]
         _store(u_ref, jnp.where(ok, j * T + rc, NN * T), r_all.store, u, _mask(ok, r_all.ok))
         return acc + _dot(spt, dyt, trans_a=True)  # f32[RP, BN]
@@ -557,7 +551,6 @@ def gmm_tgmm(
     cfg: KernelConfig,
     interpret: bool = False,
     num_sms: int = 132,
-    scale_sp: bool = False,
     bounds: jax.Array | None = None,  # i32[2*(G+1)]: visit_map's bounds, flattened
 ) -> tuple[jax.Array, jax.Array]:  # (u f32[T, R], db [G, R, O] in out_dtype)
     """The backward's u = dy · B_g^T and dB_g = sum over the slot's rows of sp^T dy, from one
@@ -570,9 +563,7 @@ def gmm_tgmm(
     ([O / block_n, T, R], 4 MB at T = 4096, R = 16, block_n = 256), which XLA sums with the
     mask. cfg.splits (0 = automatic: more when G · O / block_n is under 2 programs per SM)
     splits each slot's rows; dB then comes from float32 partials summed by XLA, as in tgmm.
-    cfg.block_k is not used. scale_sp: `sp` is the unscaled s (f32) and each row is scaled by
-    its slot's m.scale and cast to dy's dtype in the kernel (the same rounding as doing it
-    first). `bounds` as in tgmm."""
+    cfg.block_k is not used; `bounds` as in tgmm."""
     T, O = dy.shape
     G, R = b.shape[0], b.shape[1]
     if b.shape != (G, R, O) or sp.shape != (T, R) or m.starts.shape != (G,):
@@ -587,7 +578,7 @@ def gmm_tgmm(
     if bounds is None:
         bounds = _bounds(m, T)
     u_parts, db = pl.pallas_call(
-        functools.partial(_udb_kernel, G=G, S=S, cfg=cfg, scale_sp=scale_sp),
+        functools.partial(_udb_kernel, G=G, S=S, cfg=cfg),
         out_shape=(
             jax.ShapeDtypeStruct((nn * T, R), jnp.float32),
             jax.ShapeDtypeStruct((S * G * R, O), out_dtype if S == 1 else jnp.float32),
@@ -596,7 +587,7 @@ def gmm_tgmm(
         compiler_params=cfg.params(),
         interpret=interpret,
         name=f"lora_udb_t{cfg.block_t}_n{bn}_s{S}",
-    )(bounds, m.rank, m.scale.astype(jnp.float32), dy, b.reshape(G * R, O), sp)
+    )(bounds, m.rank, dy, b.reshape(G * R, O), sp)
     # Rows past the groups are written by no program (whatever memory held): the select drops
     # them, as it drops nothing else (columns past a rank are already 0).
     u = u_parts if nn == 1 else jnp.sum(u_parts.reshape(nn, T, R), axis=0)
