@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from rtpjax.kernels import lora
 from rtpjax.kernels import lora_gpu as lg
+from rtpjax.kernels import lora_gpu_udb as udb
 from scripts import lora_bench_common as common
 from scripts.lora_bench_common import _rel, device_breakdown, operands, say, timed
 
@@ -53,7 +54,7 @@ def udb_sweep() -> list[dict]:
         for c in _udb_configs():
             label = (f"udb t{c.block_t} n{c.block_n} w{c.num_warps} st{c.num_stages} "
                      f"S{c.splits or 'auto'}")  # fmt: skip
-            cases[label] = jax.jit(lambda dy, b, sp, m, c=c: lg.gmm_tgmm(
+            cases[label] = jax.jit(lambda dy, b, sp, m, c=c: udb.gmm_tgmm(
                 dy, b, sp, m, b.dtype, cfg=c, interpret=common.SMOKE))  # fmt: skip
         args = (dy, b, sp, m)
         ref = None

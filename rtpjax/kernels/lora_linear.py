@@ -24,6 +24,7 @@ import numpy as np
 
 from rtpjax.kernels import lora
 from rtpjax.kernels import lora_gpu as lg
+from rtpjax.kernels import lora_gpu_udb as udb
 from rtpjax.kernels import lora_matmul_mgpu as mm
 
 Impl = Literal["auto", "fused", "unfused"]
@@ -174,7 +175,7 @@ def _fused_bwd(gcfg, lcfg, small, interpret, res, dy):
     sp = (s * rs).astype(dy.dtype)
     one_pass = small == "kernel" and lcfg.fused_udb
     if one_pass:  # u and dB both read dy: one kernel, one pass
-        u, db = lg.gmm_tgmm(dy, b, sp, m, b.dtype, cfg=lcfg.udb, interpret=interpret,
+        u, db = udb.gmm_tgmm(dy, b, sp, m, b.dtype, cfg=lcfg.udb, interpret=interpret,
                             bounds=bounds)  # fmt: skip
     else:
         vm = _vm_for(plan, lcfg.shrink_t, lcfg)
@@ -259,7 +260,7 @@ def lora_linear(
     "xla" = one dense XLA product over all slots (G·R columns, then each row keeps its own);
     "auto" = "kernel" (faster forward+backward at G = 1, 8 and 64 on the H100, see
     docs/kernels/lora.md). With "kernel", lora_config.fused_udb (default) takes u and dB from
-    one kernel reading dy once (lora_gpu.gmm_tgmm); False keeps the two kernels.
+    one kernel reading dy once (lora_gpu_udb.gmm_tgmm); False keeps the two kernels.
     """
     if x.ndim != 2 or w.ndim != 2 or w.shape[0] != x.shape[1]:
         raise ValueError(

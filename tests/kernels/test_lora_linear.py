@@ -21,6 +21,7 @@ import pytest
 
 from rtpjax.kernels import lora
 from rtpjax.kernels import lora_gpu as lg
+from rtpjax.kernels import lora_gpu_udb as udb
 from rtpjax.kernels import lora_linear as ll
 from rtpjax.kernels import lora_matmul_mgpu as mm
 
@@ -204,7 +205,7 @@ def test_gmm_tgmm_matches_einsum(sizes, T, R, O, cfg, dtype):
     einsums: zero past each rank, past the groups and for the empty slot, NaN never read."""
     dy, b, sp, m, rank = _udb_case(len(sizes) + T + O, T, R, O, sizes, dtype)
     G = len(sizes)
-    u, db = jax.jit(lambda dy, b, sp: lg.gmm_tgmm(dy, b, sp, m, dtype, cfg=cfg, interpret=True))(
+    u, db = jax.jit(lambda dy, b, sp: udb.gmm_tgmm(dy, b, sp, m, dtype, cfg=cfg, interpret=True))(
         dy, b, sp
     )
     assert u.shape == (T, R) and u.dtype == jnp.float32 and db.shape == (G, R, O)
@@ -229,7 +230,7 @@ def test_gmm_tgmm_matches_einsum(sizes, T, R, O, cfg, dtype):
         if sizes[g] == 0:
             assert not db[g].any(), f"empty slot {g}"
     with pytest.raises(ValueError, match="gmm_tgmm"):
-        lg.gmm_tgmm(dy, b, sp[:, :3], m, dtype, cfg=cfg, interpret=True)
+        udb.gmm_tgmm(dy, b, sp[:, :3], m, dtype, cfg=cfg, interpret=True)
 
 
 def test_gmm_tgmm_with_the_plan_bounds():
@@ -238,9 +239,9 @@ def test_gmm_tgmm_with_the_plan_bounds():
     sizes, T, R, O = (10, 0, 25, 17, 3), 64, 8, 80
     dy, b, sp, m, _ = _udb_case(11, T, R, O, sizes, jnp.bfloat16)
     cfg = KC(block_t=16, block_n=32, splits=2)
-    want = lg.gmm_tgmm(dy, b, sp, m, jnp.bfloat16, cfg=cfg, interpret=True)
+    want = udb.gmm_tgmm(dy, b, sp, m, jnp.bfloat16, cfg=cfg, interpret=True)
     bounds = lg.visit_map(m, T, 16)[2].reshape(-1)
-    got = lg.gmm_tgmm(dy, b, sp, m, jnp.bfloat16, cfg=cfg, interpret=True, bounds=bounds)
+    got = udb.gmm_tgmm(dy, b, sp, m, jnp.bfloat16, cfg=cfg, interpret=True, bounds=bounds)
     for g_, w_ in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(g_, np.float32), np.asarray(w_, np.float32))
     assert np.asarray(got[1], np.float32).any()
@@ -292,7 +293,7 @@ def test_gmm_tgmm_lowers_for_cuda(cfg):
 
     def f(dy, b, sp, gs, sc):
         m = lora.group_meta(gs, sc, None, T, R)
-        return lg.gmm_tgmm(dy, b, sp, m, bf, cfg=cfg)
+        return udb.gmm_tgmm(dy, b, sp, m, bf, cfg=cfg)
 
     text = _h100_lowering(f, S((T, O), bf), S((G, R, O), bf), S((T, R), bf),
                           S((G,), jnp.int32), S((G,), jnp.float32))  # fmt: skip
