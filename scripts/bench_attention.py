@@ -5,8 +5,10 @@
 
 Prints tables and writes JSON:
 - the measured HBM copy bandwidth (read + write) through JAX: the decode ceiling;
-- decode at batch {1, 8, 64, 256} x context {512, 2k, 8k, 32k}: time per call and KV bytes read per
-  second against that ceiling;
+- decode at batch {1, 8, 64, 256} x context {512, 2k, 8k, 32k} (`--decode-only`: only this): time
+  per call and KV bytes read per second against that ceiling, by the loop timing below and by
+  device time from the profiler (eight calls per jitted step sharing the step's metadata, as the
+  engine's layers do), beside the device time of an XLA copy of the same bytes;
 - prefill of 2k/4k/8k tokens (one sequence, no cache) and a 2k chunk over a cached prefix: TFLOP/s
   (causal FLOPs actually needed) against cuDNN flash attention on the same shape, for the
   Triton-lowered kernel (on Hopper the engine's prefill takes the Mosaic GPU kernel instead:
