@@ -329,7 +329,8 @@ def main() -> None:
                                 capture_output=True, text=True).stdout.strip()  # fmt: skip
     except OSError:
         commit = ""
-    commit = args.commit or commit or "unknown"  # a copy without .git (the GPU machine)
+    # A copy without .git (the GPU machine): --commit or RTPJAX_COMMIT, as the other benchmarks.
+    commit = args.commit or os.environ.get("RTPJAX_COMMIT") or commit or "unknown"
     dev = jax.devices()[0]
     say(f"device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
         f"commit {commit}")  # fmt: skip
