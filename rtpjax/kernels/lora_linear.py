@@ -26,9 +26,11 @@ from rtpjax.kernels import lora
 from rtpjax.kernels import lora_gpu as lg
 from rtpjax.kernels import lora_gpu_udb as udb
 from rtpjax.kernels import lora_matmul_mgpu as mm
+from rtpjax.kernels import lora_matmul_shrink_mgpu as ms
 
 Impl = Literal["auto", "fused", "unfused"]
 IMPLS = ("auto", "fused", "unfused")
+SMALL_OPS = ("auto", "in_gemm", "kernel", "xla")
 
 
 def visits(m: lora.GroupMeta, T: int, tile_m: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -76,7 +78,11 @@ class LoraPlan:
     vis_slot: jax.Array  # i32[T / tile_m + G]
     vis_tile: jax.Array  # i32[T / tile_m + G]
     vm: tuple  # lora_gpu.visit_map for the grouped kernels' row tiles
+    sub_slot: jax.Array  # i32[T / 64]: each 64-row piece's slot (the in-GEMM shrink's map)
     ranked: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    # Every 64-row piece has its live rows in one slot: the shrink can run inside the GEMM's
+    # launch (lora_matmul_shrink_mgpu). Known only from concrete group sizes.
+    one_slot: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     def meta(self, scale: jax.Array) -> lora.GroupMeta:
         return lora.GroupMeta(self.starts, self.ends, self.row_slot, self.rank,
@@ -91,16 +97,29 @@ def lora_plan(
     rank: jax.Array | None = None,  # i32[G]
     gemm_config: mm.GemmConfig | None = None,
     lora_config: lg.LoraGpuConfig | None = None,
+    one_slot: bool | None = None,
 ) -> LoraPlan:
     """lora_linear's bookkeeping for rows sorted by slot (group_sizes), T rows, rank R; pass it
-    as lora_linear(..., plan=) to every projection that shares the grouping."""
+    as lora_linear(..., plan=) to every projection that shares the grouping.
+
+    one_slot: whether every 64-row piece's rows belong to one slot (true when every group is a
+    multiple of 64 rows), which lets the fused path run the shrink inside the GEMM's launch.
+    None: worked out from group_sizes when they are concrete (not under jit), else False. A
+    caller that pads each adapter's rows to 64 can pass True under jit."""
     gcfg = gemm_config or mm.DEFAULT_CONFIG
     lcfg = lora_config or lg.DEFAULT_CONFIG
     G = group_sizes.shape[0]
     m = lora.group_meta(group_sizes, jnp.ones((G,), jnp.float32), rank, T, R)
     start, slot, tile = visits(m, T, gcfg.tile_m)
     vm = lg.visit_map(m, T, lcfg.fwd.block_t)
-    return LoraPlan(m.starts, m.ends, m.row_slot, m.rank, start, slot, tile, vm, rank is not None)
+    if one_slot is None:
+        try:
+            one_slot = T % ms.SUB == 0 and ms.one_slot_pieces(np.asarray(group_sizes), T)
+        except jax.errors.TracerArrayConversionError:
+            one_slot = False
+    sub = ms.sub_slots(m.row_slot, G) if T % ms.SUB == 0 else jnp.zeros((0,), jnp.int32)
+    return LoraPlan(m.starts, m.ends, m.row_slot, m.rank, start, slot, tile, vm, sub,
+                    rank is not None, bool(one_slot))  # fmt: skip
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
@@ -151,8 +170,26 @@ def _vm_for(plan, cfg, lcfg):
     return plan.vm if cfg.block_t == lcfg.fwd.block_t else None
 
 
+def _shrink_cfg(gcfg: mm.GemmConfig) -> mm.GemmConfig:
+    """The in-GEMM shrink kernel's tiles: its own default for the default GEMM (3 stages: the
+    resident h and E buffers do not fit beside 4), else the given ones."""
+    return ms.DEFAULT_CONFIG if gcfg == mm.DEFAULT_CONFIG else gcfg
+
+
+def _in_gemm_supported(x, w, a, plan, gcfg) -> bool:
+    T, I = x.shape
+    O, R, scfg = w.shape[1], a.shape[2], _shrink_cfg(gcfg)
+    return (plan.one_slot and ms.supports(T, O, I, R, x.dtype, scfg)
+            and ms.supports(T, I, O, R, x.dtype, scfg))  # fmt: skip
+
+
 def _fused_fwd(x, w, a, b, scale, plan, gcfg, lcfg, small, interpret):
     m = plan.meta(scale)
+    if small == "in_gemm":  # shrink, GEMM and expand in one launch; s comes back in x.dtype
+        a_z, b_z = (_rank_zeroed(v, plan, ax).astype(x.dtype) for v, ax in ((a, 2), (b, 1)))
+        y, s = ms.matmul_lora(x, w, a_z, b_z, plan.sub_slot, plan.ends, m.scale,
+                              cfg=_shrink_cfg(gcfg), interpret=interpret)  # fmt: skip
+        return y, (x, w, a, b, scale, plan, s)
     vm = _vm_for(plan, lcfg.fwd, lcfg)
     s = _shrink(x, a, m, False, small, lcfg.fwd, interpret, vm)  # f32[T, R], unscaled
     h = (s * lora.row_scale(m)[:, None]).astype(x.dtype)
@@ -170,6 +207,20 @@ def _fused_bwd(gcfg, lcfg, small, interpret, res, dy):
     G = a.shape[0]
     rs = lora.row_scale(m)[:, None]
     bounds = plan.vm[2].reshape(-1)  # the grouped kernels' row ranges, built once per plan
+    if small == "in_gemm":
+        # dx = dy @ W^T + du @ A^T with u = dy @ B^T computed inside the same launch.
+        dx, u = ms.matmul_lora(
+            dy.astype(x.dtype), w, _rank_zeroed(b, plan, 1).astype(x.dtype),
+            _rank_zeroed(a, plan, 2).astype(x.dtype), plan.sub_slot, plan.ends, m.scale,
+            transpose_w=True, transpose_e=True, a_trans=True, cfg=_shrink_cfg(gcfg),
+            interpret=interpret,
+        )  # fmt: skip
+        s, u = s.astype(jnp.float32), u.astype(jnp.float32)
+        du = (u * rs).astype(x.dtype)
+        sp = (s * rs).astype(dy.dtype)
+        da = lg.tgmm(x, du, m, G, a.dtype, cfg=lcfg.tgmm, interpret=interpret, bounds=bounds)
+        db = lg.tgmm(sp, dy, m, G, b.dtype, cfg=lcfg.tgmm, interpret=interpret, bounds=bounds)
+        return _fused_rest(x, w, dy, dx, da, db, s, u, scale, plan, m, G)
     # The scale and cast of s stay in XLA: done inside gmm_tgmm (loading s as float32) that
     # kernel measured 2 µs slower at G = 1 and 8 and 10 µs at G = 64 (seventh session).
     sp = (s * rs).astype(dy.dtype)
@@ -192,6 +243,10 @@ def _fused_bwd(gcfg, lcfg, small, interpret, res, dy):
         db = jnp.swapaxes(_per_slot(dy, sp, m, G, b.dtype, small, None, interpret), 1, 2)
     elif not one_pass:
         db = lg.tgmm(sp, dy, m, G, b.dtype, cfg=lcfg.tgmm, interpret=interpret, bounds=bounds)
+    return _fused_rest(x, w, dy, dx, da, db, s, u, scale, plan, m, G)
+
+
+def _fused_rest(x, w, dy, dx, da, db, s, u, scale, plan, m, G):
     # W is frozen in LoRA training; its gradient is here for completeness, and XLA drops it
     # when nobody asks for it.
     dw = jnp.einsum("TI,TO->IO", x, dy, preferred_element_type=jnp.float32).astype(w.dtype)
@@ -258,9 +313,13 @@ def lora_linear(
     small_ops (fused path): how the rank-sized products are done (the shrink s = x·A_g, the
     backward's u = dy·B_g^T, and the grads of A and B): "kernel" = lora_gpu's grouped kernels,
     "xla" = one dense XLA product over all slots (G·R columns, then each row keeps its own);
-    "auto" = "kernel" (faster forward+backward at G = 1, 8 and 64 on the H100, see
-    docs/kernels/lora.md). With "kernel", lora_config.fused_udb (default) takes u and dB from
-    one kernel reading dy once (lora_gpu_udb.gmm_tgmm); False keeps the two kernels.
+    "in_gemm" = the shrink (and the backward's u) inside the GEMM's launch
+    (lora_matmul_shrink_mgpu: x and dy read once by the GEMM, once by the shrink, no launch of
+    its own; needs plan.one_slot, see lora_plan), the grads of A and B from the grouped kernels;
+    "auto" = "in_gemm" where the plan allows it, else "kernel" (the faster of the other two at
+    G = 1, 8 and 64 on the H100, see docs/kernels/lora.md). With "kernel",
+    lora_config.fused_udb (default) takes u and dB from one kernel reading dy once
+    (lora_gpu_udb.gmm_tgmm); False keeps the two kernels.
     """
     if x.ndim != 2 or w.ndim != 2 or w.shape[0] != x.shape[1]:
         raise ValueError(
@@ -287,10 +346,8 @@ def lora_linear(
             f"{a.shape[2]} not tiled by {gcfg} (T % {gcfg.cta_m}, I and O % {gcfg.cta_n}, "
             "rank % 16, bf16/f16)"
         )
-    if small_ops not in ("auto", "kernel", "xla"):
-        raise ValueError(f"small_ops={small_ops!r} must be one of ('auto', 'kernel', 'xla')")
-    if small_ops == "auto":
-        small_ops = "kernel"
+    if small_ops not in SMALL_OPS:
+        raise ValueError(f"small_ops={small_ops!r} must be one of {SMALL_OPS}")
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "cuda")
     scale = jnp.asarray(scale)
@@ -300,4 +357,13 @@ def lora_linear(
     if plan is None:
         plan = lora_plan(group_sizes, x.shape[0], a.shape[2], rank=rank, gemm_config=gcfg,
                          lora_config=lcfg)  # fmt: skip
+    in_gemm = _in_gemm_supported(x, w, a, plan, gcfg)
+    if small_ops == "auto":
+        small_ops = "in_gemm" if in_gemm else "kernel"
+    if small_ops == "in_gemm" and not in_gemm:
+        raise ValueError(
+            "lora_linear(small_ops='in_gemm') needs a plan whose 64-row pieces each hold one "
+            f"slot (plan.one_slot={plan.one_slot}) and shapes lora_matmul_shrink_mgpu tiles "
+            f"(x {x.shape}, w {w.shape}, rank {a.shape[2]} up to 64)"
+        )
     return _fused(x, w, a, b, scale, plan, gcfg, lcfg, small_ops, bool(interpret))
