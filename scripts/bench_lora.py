@@ -12,9 +12,10 @@ Prints tables and writes JSON:
   alone, and its byte floor (x read, A and B read, delta written; backward: dy read twice, x read,
   dx written);
 - with --sweep, kernel block shapes for each of the operator's kernels, timed alone;
-- with --profile, per-kernel device time of lora_linear (fused_plan; fused_plan_sep: u and dB
-  as two kernels instead of gmm_tgmm's one pass over dy); with --udb-sweep, gmm_tgmm's shapes
-  alone against those two kernels, G = 1, 8, 64 (device time from the profiler);
+- with --profile, per-kernel device time of lora_linear (fused_plan: the shrink as its own
+  kernel; in_gemm: inside the GEMM's launch, lora_matmul_shrink_mgpu); with --udb-sweep,
+  gmm_tgmm's shapes alone against the two kernels it replaces, G = 1, 8, 64 (device time from
+  the profiler);
 - with --training, the rows of training_benchmark() from scripts/bench_finetune.py (skipped with a
   message when that script does not exist yet).
 --smoke runs everything on tiny shapes in Pallas interpret mode: a CPU check of this script.
@@ -57,6 +58,7 @@ from scripts.lora_bench_checks import correctness, fused_check  # noqa: E402
 from scripts.lora_bench_common import (  # noqa: E402
     LOG,
     SMOKE_GEMM,
+    SMOKE_GEMM_M,
     TWO_PASS,
     Fused,
     WithBase,
@@ -263,12 +265,11 @@ def profile_section() -> list[dict]:
     for G in (1, 8, 64) if not common.SMOKE else (8,):
         ops = operands(G, T, D, R)
         cases = {"base fwd": base_f, "base fwd+bwd": base_fb}
-        variants = {"fused": Fused(cfg), "fused_plan": Fused(cfg, plan=True),
-                    "fused_plan_sep": Fused(cfg, plan=True, lora_config=TWO_PASS)}  # fmt: skip
-        # the fifth session's GEMM shape: 3 stages, two store and visit buffers
-        if not common.SMOKE:
-            s3 = mm.GemmConfig(stages=3, epi_slots=2, visit_buffers=2)
-            variants["fused_plan_s3"] = Fused(s3, plan=True)
+        # fused_plan: the shrink as its own kernel (grouped kernels, the visit GEMM); in_gemm:
+        # the shrink inside the GEMM's launch (the groups here are multiples of 64 rows).
+        variants = {"fused_plan": Fused(cfg, plan=True, small_ops="kernel"),
+                    "in_gemm": Fused(SMOKE_GEMM_M if common.SMOKE else cfg, plan=True,
+                                     small_ops="in_gemm", one_slot=True)}  # fmt: skip
         for name, op in variants.items():
             op.prepare(T, R, ops[4])
             cases[f"{name} fwd"] = fwd_fn(op, True)
@@ -392,6 +393,9 @@ def main() -> None:
         "fused_xla": Fused(gemm, small_ops="xla"),
         "fused_plan": Fused(gemm, plan=True),
         "fused_plan_sep": Fused(gemm, plan=True, lora_config=TWO_PASS),
+        "fused_in_gemm": Fused(
+            SMOKE_GEMM_M if common.SMOKE else gemm, plan=True, small_ops="in_gemm", one_slot=True
+        ),
         "fused_plan_s4": Fused(
             SMOKE_GEMM if common.SMOKE else mm.GemmConfig(stages=4, epi_slots=1, visit_buffers=1),
             plan=True,

@@ -8,6 +8,8 @@ rows that belong to no adapter."""
 # ruff: noqa: E741, B023
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,15 +91,25 @@ def correctness(config: lg.LoraGpuConfig, quick: bool = False) -> list[dict]:
 def fused_check() -> list[dict]:
     """lora_linear's fused path (values and grads of x, W, a, b, scale) against the float32
     reference `ref_lora_delta(..., base=x @ W)`: per-slot ranks, an empty slot, tail rows."""
-    shapes = [(1024, 1024, 16, 768, 8, 37), (4096, 4096, 16, 4096, 64, 0)]
+    # The last shape has groups of 512 rows (one empty: its rows become the tail), so the shrink
+    # runs inside the GEMM's launch (small_ops "in_gemm").
+    shapes = [(1024, 1024, 16, 768, 8, 37), (4096, 4096, 16, 4096, 64, 0),
+              (4096, 4096, 16, 4096, 8, -1)]  # fmt: skip
     cfg = mm.DEFAULT_CONFIG
     if common.SMOKE:
-        shapes, cfg = [(128, 128, 16, 128, 3, 5)], SMOKE_GEMM
+        shapes, cfg = [(128, 128, 16, 128, 3, 5), (256, 128, 16, 128, 4, -1)], SMOKE_GEMM
     rows = []
     for T, I, R, O, G, tail in shapes:
         rng = np.random.default_rng(T + 1)
-        sizes = rng.multinomial(T - tail, np.ones(G) / G).astype(np.int32)
+        in_gemm = tail < 0
+        if in_gemm:
+            sizes = np.full(G, T // G, np.int32)
+            tail = T // G
+        else:
+            sizes = rng.multinomial(T - tail, np.ones(G) / G).astype(np.int32)
         sizes[G // 2] = 0
+        if in_gemm:  # the empty slot's rows become the tail: the others stay 64-row aligned
+            sizes = np.concatenate([np.delete(sizes, G // 2), [0]]).astype(np.int32)
         rk = jnp.asarray(rng.integers(1, R + 1, size=G).astype(np.int32))
         k = jax.random.split(jax.random.key(T), 5)
         x = jax.random.normal(k[0], (T, I), jnp.bfloat16)
@@ -114,19 +126,32 @@ def fused_check() -> list[dict]:
         f32 = [v.astype(jnp.float32) for v in (x, W, a, b)]
         want = jax.jit(lambda *o: run(lambda x, W, a, b, sc: lora.ref_lora_delta(
             x, a, b, gs, sc, rank=rk, base=x @ W), *o))(*f32, sc)  # fmt: skip
-        got = jax.jit(lambda *o: run(lambda x, W, a, b, sc: ll.lora_linear(
-            x, W, a, b, gs, sc, rank=rk, impl="fused", gemm_config=cfg, interpret=common.SMOKE),
-            *o))(x, W, a, b, sc)  # fmt: skip
+        cfg = dataclasses.replace(cfg, wg_split="m") if in_gemm else cfg
+        plan = ll.lora_plan(gs, T, R, rank=rk, gemm_config=cfg)  # eager: sees the groups
+        small = "in_gemm" if in_gemm else "auto"
+        if in_gemm and not plan.one_slot:
+            raise AssertionError("groups of multiples of 64 rows must allow the in-GEMM shrink")
+        fn = lambda x, W, a, b, sc, p: ll.lora_linear(
+            x, W, a, b, None, sc, plan=p, impl="fused", gemm_config=cfg, small_ops=small,
+            interpret=common.SMOKE)  # fmt: skip
+        got = jax.jit(lambda *o: run(lambda *v: fn(*v, o[-1]), *o[:-1]))(x, W, a, b, sc, plan)
         errs = {n: _rel(g_, w_) for n, g_, w_ in
                 zip(("y", "dx", "dW", "da", "db", "dscale"), got, want, strict=True)}  # fmt: skip
         tail_ok = True
         if tail:  # rows with no adapter: exactly the kernel's own x @ W (not XLA's: other
             # accumulation order, other bf16 roundings)
-            plain = mm.matmul_expand(x, W, None, None, None, None, cfg=cfg, interpret=common.SMOKE)
+            if in_gemm:  # the same kernel with every group empty
+                p0 = ll.lora_plan(gs * 0, T, R, rank=rk, gemm_config=cfg)
+                plain = fn(x, W, a, b, sc, p0)
+            else:
+                plain = mm.matmul_expand(x, W, None, None, None, None, cfg=cfg,
+                                         interpret=common.SMOKE)  # fmt: skip
             base = np.asarray(plain, np.float32)[T - tail :]
             tail_ok = bool((np.asarray(got[0], np.float32)[T - tail :] == base).all())
         ok = tail_ok and max(errs.values()) < 1e-2
-        rows.append({"shape": [T, I, R, O, G], "tail": tail, "rel_err": errs, "ok": bool(ok)})
+        rows.append({"shape": [T, I, R, O, G], "tail": tail, "small_ops": small, "rel_err": errs,
+                     "ok": bool(ok)})  # fmt: skip
         es = " ".join(f"{n} {e:.1e}" for n, e in errs.items())
-        say(f"fused check T{T} I{I} R{R} O{O} G{G} tail {tail}: {es} -> {'ok' if ok else 'FAIL'}")
+        say(f"fused check T{T} I{I} R{R} O{O} G{G} tail {tail} {small}: {es} -> "
+            f"{'ok' if ok else 'FAIL'}")  # fmt: skip
     return rows

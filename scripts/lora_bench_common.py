@@ -31,6 +31,8 @@ SMOKE = False
 SMOKE_GEMM = mm.GemmConfig(
     tile_m=64, tile_n=64, tile_k=32, stages=2, epi=32, snake_width=2, wg_split="n"
 )
+# The in-GEMM shrink stacks the warpgroups by rows.
+SMOKE_GEMM_M = dataclasses.replace(SMOKE_GEMM, wg_split="m")
 
 
 def say(msg: str) -> None:
@@ -107,15 +109,20 @@ class Fused:
     """The layer as one call: lora_linear (base GEMM + LoRA expand fused on Hopper)."""
 
     def __init__(self, gemm_config: mm.GemmConfig, impl="fused", small_ops="auto", plan=False,
-                 lora_config: lg.LoraGpuConfig | None = None):  # fmt: skip
+                 lora_config: lg.LoraGpuConfig | None = None, one_slot=None):  # fmt: skip
         self.cfg, self.impl, self.small, self.lcfg = gemm_config, impl, small_ops, lora_config
+        # one_slot=True: the caller knows every 64-row piece has one slot (groups of multiples
+        # of 64 rows), which the plan, built under jit, cannot see: the in-GEMM shrink applies.
+        self.one_slot = one_slot
         # plan=True: the row bookkeeping (lora_plan) is built once outside the timed call, as a
         # training step builds it once for all of its layers' projections.
         self.shared_plan, self.plan = plan, None
 
     def prepare(self, T: int, R: int, gs) -> None:
         if self.shared_plan:
-            self.plan = jax.jit(lambda g: ll.lora_plan(g, T, R, gemm_config=self.cfg))(gs)
+            self.plan = jax.jit(
+                lambda g: ll.lora_plan(g, T, R, gemm_config=self.cfg, one_slot=self.one_slot)
+            )(gs)
 
     def layer(self, W, gs, sc, plan=None):
         return lambda x, a, b: ll.lora_linear(
