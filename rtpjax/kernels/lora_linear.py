@@ -5,8 +5,10 @@ and the LoRA expand as one kernel (`lora_matmul_mgpu.matmul_expand`, Hopper): th
 the shrink s = x @ A_g (lora_gpu's kernel, a pass over x) and then one GEMM whose epilogue adds
 scale·s @ B_g; the backward's dx = dy @ W^T + du @ A_g^T is the same fused GEMM with W
 transposed, and u = dy @ B_g^T, dA, dB come from lora_gpu's grouped kernels (u and dB from one
-pass over dy). Everywhere else it is `lora_delta(x, a, b, ..., base=x @ W)`: the same values
-through the unfused operator.
+pass over dy). When every 64-row piece of the grouping holds one slot's rows (LoraPlan.one_slot),
+the shrink and the backward's u run inside the GEMM's own launch instead
+(lora_matmul_shrink_mgpu, `small_ops="in_gemm"`). Everywhere else it is
+`lora_delta(x, a, b, ..., base=x @ W)`: the same values through the unfused operator.
 
 Rows are sorted by adapter slot as in lora_delta (group_sizes; rows past the groups get only
 x @ W).
