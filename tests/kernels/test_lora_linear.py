@@ -76,6 +76,17 @@ def _reference(x, w, a, b, gs, scale, rank, dy):
     return _vjp(f, dy, x.astype(jnp.float32), w.astype(jnp.float32), a, b, scale)
 
 
+def check_against_reference(f, x, w, a, b, gs, scale, rank, dy):
+    """f's value and grads of x, w, a, b, scale: finite and within bf16 tolerance of the float32
+    reference; returns them."""
+    got = _vjp(f, dy, x, w, a, b, scale)
+    want = _reference(x, w, a, b, gs, scale, rank, dy)
+    for name, g, wv in zip(("y", "dx", "dw", "da", "db", "dscale"), got, want, strict=True):
+        assert np.isfinite(np.asarray(g, np.float32)).all(), name
+        assert _rel(g, wv) < 2e-2, (name, _rel(g, wv))
+    return got
+
+
 @pytest.mark.parametrize(
     "sizes, cfg, small_ops",
     [((10, 20, 30, 40, 50, 60, 46), SMALL, "kernel"),
@@ -89,11 +100,7 @@ def test_fused_matches_reference(sizes, cfg, small_ops):
         x, w, a, b, gs, s, rank=rank, impl="fused", gemm_config=cfg, small_ops=small_ops,
         interpret=True,
     )  # fmt: skip
-    got = _vjp(f, dy, x, w, a, b, scale)
-    want = _reference(x, w, a, b, gs, scale, rank, dy)
-    for name, g, wv in zip(("y", "dx", "dw", "da", "db", "dscale"), got, want, strict=True):
-        assert np.isfinite(np.asarray(g, np.float32)).all(), name
-        assert _rel(g, wv) < 2e-2, (name, _rel(g, wv))
+    got = check_against_reference(f, x, w, a, b, gs, scale, rank, dy)
     # Rows past the groups are the base product alone, exactly as the kernel computes x @ W.
     used = int(sum(sizes))
     if used < x.shape[0]:
