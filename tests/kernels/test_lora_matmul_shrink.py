@@ -33,8 +33,11 @@ def _want(x, w, a_kr, e_rn, row_slot, scale):
     return y, s
 
 
-@pytest.mark.parametrize("cfg", [SMALL, SMALL_128])
-@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize(
+    ("cfg", "transposed"),
+    [(SMALL_128, False), (SMALL, True), pytest.param(SMALL, False, marks=pytest.mark.slow),
+     pytest.param(SMALL_128, True, marks=pytest.mark.slow)],
+)  # fmt: skip
 def test_kernel_against_numpy(cfg, transposed):
     """y and s per 64-row piece: two slots in one CTA band, an empty slot, 20 live rows then
     the tail in one piece; forward operands (A as stored, E = B) or the backward's (W^T, the
@@ -78,7 +81,9 @@ def test_kernel_lowers_for_cuda(transposed):
     assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("sizes", [(64, 0, 128, 64), (128, 0, 64, 20)])
+@pytest.mark.parametrize(
+    "sizes", [(128, 0, 64, 20), pytest.param((64, 0, 128, 64), marks=pytest.mark.slow)]
+)
 def test_in_gemm_layer_matches_reference(sizes):
     """Values and grads of x, W, a, b, scale through small_ops="in_gemm" (per-slot ranks with
     NaN past them, an empty slot, a piece with 20 live rows and the tail)."""
