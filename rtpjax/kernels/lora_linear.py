@@ -192,7 +192,7 @@ def _fused_fwd(x, w, a, b, scale, plan, gcfg, lcfg, small, interpret):
         # x tiles must be R wide, and the shrink bands measured 40 µs slower on the H100.
         a_t = jnp.swapaxes(_rank_zeroed(a, plan, 2), 1, 2).astype(x.dtype)
         b_z = _rank_zeroed(b, plan, 1).astype(x.dtype)
-        y, s = ms.matmul_lora(x, w, a_t, b_z, plan.sub_slot, plan.ends, m.scale, a_trans=True,
+        y, s = ms.matmul_lora(x, w, a_t, b_z, plan.sub_slot, plan.ends, m.scale,
                               cfg=_shrink_cfg(gcfg), interpret=interpret)  # fmt: skip
         return y, (x, w, a, b, scale, plan, s)
     vm = _vm_for(plan, lcfg.fwd, lcfg)
@@ -212,20 +212,15 @@ def _fused_bwd(gcfg, lcfg, small, interpret, res, dy):
     G = a.shape[0]
     rs = lora.row_scale(m)[:, None]
     bounds = plan.vm[2].reshape(-1)  # the grouped kernels' row ranges, built once per plan
-    if small == "in_gemm":
-        # dx = dy @ W^T + du @ A^T with u = dy @ B^T computed inside the same launch.
+    a_z = _rank_zeroed(a, plan, 2).astype(x.dtype)
+    in_gemm = small == "in_gemm"
+    if in_gemm:  # dx = dy @ W^T + du @ A^T, with u = dy @ B^T computed in the same launch
         dx, u = ms.matmul_lora(
-            dy.astype(x.dtype), w, _rank_zeroed(b, plan, 1).astype(x.dtype),
-            _rank_zeroed(a, plan, 2).astype(x.dtype), plan.sub_slot, plan.ends, m.scale,
-            transpose_w=True, transpose_e=True, a_trans=True, cfg=_shrink_cfg(gcfg),
+            dy.astype(x.dtype), w, _rank_zeroed(b, plan, 1).astype(x.dtype), a_z, plan.sub_slot,
+            plan.ends, m.scale, transpose_w=True, transpose_e=True, cfg=_shrink_cfg(gcfg),
             interpret=interpret,
         )  # fmt: skip
         s, u = s.astype(jnp.float32), u.astype(jnp.float32)
-        du = (u * rs).astype(x.dtype)
-        sp = (s * rs).astype(dy.dtype)
-        da = lg.tgmm(x, du, m, G, a.dtype, cfg=lcfg.tgmm, interpret=interpret, bounds=bounds)
-        db = lg.tgmm(sp, dy, m, G, b.dtype, cfg=lcfg.tgmm, interpret=interpret, bounds=bounds)
-        return _fused_rest(x, w, dy, dx, da, db, s, u, scale, plan, m, G)
     # The scale and cast of s stay in XLA: done inside gmm_tgmm (loading s as float32) that
     # kernel measured 2 µs slower at G = 1 and 8 and 10 µs at G = 64 (seventh session).
     sp = (s * rs).astype(dy.dtype)
@@ -233,25 +228,21 @@ def _fused_bwd(gcfg, lcfg, small, interpret, res, dy):
     if one_pass:  # u and dB both read dy: one kernel, one pass
         u, db = udb.gmm_tgmm(dy, b, sp, m, b.dtype, cfg=lcfg.udb, interpret=interpret,
                             bounds=bounds)  # fmt: skip
-    else:
+    elif not in_gemm:
         vm = _vm_for(plan, lcfg.shrink_t, lcfg)
         u = _shrink(dy, b, m, True, small, lcfg.shrink_t, interpret, vm)
     du = (u * rs).astype(x.dtype)
-    vis = (plan.vis_start, plan.vis_slot, plan.vis_tile)
-    dx = mm.matmul_expand(
-        dy.astype(x.dtype), w, visit_rows(du, m, vis, gcfg.tile_m),
-        _rank_zeroed(a, plan, 2).astype(x.dtype), plan.vis_start, plan.vis_slot,
-        transpose_w=True, transpose_e=True, cfg=gcfg, interpret=interpret,
-    )  # fmt: skip
+    if not in_gemm:
+        vis = (plan.vis_start, plan.vis_slot, plan.vis_tile)
+        dx = mm.matmul_expand(
+            dy.astype(x.dtype), w, visit_rows(du, m, vis, gcfg.tile_m), a_z, plan.vis_start,
+            plan.vis_slot, transpose_w=True, transpose_e=True, cfg=gcfg, interpret=interpret,
+        )  # fmt: skip
     da = _per_slot(x, du, m, G, a.dtype, small, lcfg.tgmm, interpret, bounds)
     if small == "xla":  # the dense product gives dB^T [G, O, R]
         db = jnp.swapaxes(_per_slot(dy, sp, m, G, b.dtype, small, None, interpret), 1, 2)
     elif not one_pass:
         db = lg.tgmm(sp, dy, m, G, b.dtype, cfg=lcfg.tgmm, interpret=interpret, bounds=bounds)
-    return _fused_rest(x, w, dy, dx, da, db, s, u, scale, plan, m, G)
-
-
-def _fused_rest(x, w, dy, dx, da, db, s, u, scale, plan, m, G):
     # W is frozen in LoRA training; its gradient is here for completeness, and XLA drops it
     # when nobody asks for it.
     dw = jnp.einsum("TI,TO->IO", x, dy, preferred_element_type=jnp.float32).astype(w.dtype)

@@ -40,8 +40,8 @@ def _want(x, w, a_kr, e_rn, row_slot, scale):
 )  # fmt: skip
 def test_kernel_against_numpy(cfg, transposed):
     """y and s per 64-row piece: two slots in one CTA band, an empty slot, 20 live rows then
-    the tail in one piece; forward operands (A as stored, E = B) or the backward's (W^T, the
-    shrink operand given transposed, E read transposed)."""
+    the tail in one piece; the forward's operands (W, E = B) or the backward's (W^T, E read
+    transposed); the shrink's matrices go in transposed."""
     M, K, N, R, G = 512, 128, 128, 16, 3
     k = jax.random.split(jax.random.key(1), 4)
     x = jax.random.normal(k[0], (M, K), jnp.bfloat16)
@@ -52,10 +52,10 @@ def test_kernel_against_numpy(cfg, transposed):
     row_slot = np.searchsorted(ends, np.arange(M), side="right")
     scale = np.array([0.5, 2.0, -1.5], np.float32)
     y, s = ms.matmul_lora(
-        x, w.T if transposed else w, jnp.swapaxes(a, 1, 2) if transposed else a,
+        x, w.T if transposed else w, jnp.swapaxes(a, 1, 2),
         jnp.swapaxes(e, 1, 2) if transposed else e, ms.sub_slots(jnp.asarray(row_slot), G),
         jnp.asarray(ends, jnp.int32), jnp.asarray(scale), transpose_w=transposed,
-        transpose_e=transposed, a_trans=transposed, cfg=cfg, interpret=True, num_sms=3,
+        transpose_e=transposed, cfg=cfg, interpret=True, num_sms=3,
     )  # fmt: skip
     want_y, want_s = _want(x, w, a, e, row_slot, scale)
     assert _rel(y, want_y) < 5e-3 and _rel(s, want_s) < 5e-3
@@ -70,11 +70,11 @@ def test_kernel_lowers_for_cuda(transposed):
     G, R = 8, 16
     S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
     args = (S((M, K), bf), S((N, K) if transposed else (K, N), bf),
-            S((G, R, K) if transposed else (G, K, R), bf),
+            S((G, R, K), bf),
             S((G, N, R) if transposed else (G, R, N), bf), S((M // 64,), jnp.int32),
             S((G,), jnp.int32), S((G,), jnp.float32))  # fmt: skip
     f = lambda *v: ms.matmul_lora(
-        *v, transpose_w=transposed, transpose_e=transposed, a_trans=transposed, num_sms=132,
+        *v, transpose_w=transposed, transpose_e=transposed, num_sms=132,
         sync="semaphore",
     )  # fmt: skip
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
@@ -114,5 +114,5 @@ def test_one_slot_plans_and_errors():
         ll.lora_linear(x, w, a, b, None, scale, plan=plan, impl="fused", gemm_config=SMALL,
                        small_ops="in_gemm", interpret=True)  # fmt: skip
     with pytest.raises(ValueError, match="sync"):
-        ms.matmul_lora(x, w, a, b, jnp.zeros((4,), jnp.int32), jnp.zeros((5,), jnp.int32),
-                       scale, cfg=SMALL, sync="spin")  # fmt: skip
+        ms.matmul_lora(x, w, jnp.swapaxes(a, 1, 2), b, jnp.zeros((4,), jnp.int32),
+                       jnp.zeros((5,), jnp.int32), scale, cfg=SMALL, sync="spin")  # fmt: skip
