@@ -50,19 +50,44 @@ SUB = 64  # rows per wgmma instruction: the piece that has one slot
 _WGS = mm._COMPUTE_WGS
 SYNCS = ("semaphore", "two_launch")
 
-DEFAULT_CONFIG = mm.GemmConfig(stages=3)
+DEFAULT_CONFIG = mm.GemmConfig()  # 4 stages fit at rank 16 (config_for: 3 above)
+
+
+def _out_e_slots(cfg: mm.GemmConfig, R: int, itemsize: int = 2) -> tuple[int, int] | None:
+    """(store pieces, E tiles) per warpgroup in the shared region the epilogue's store buffer
+    and the expand's E tiles take turns in (a RefUnion: E is dead once the expand's wgmma is
+    done, the store buffer free once the previous tile's stores have read it). Both sides are
+    padded to the same bytes per warpgroup, so warpgroup w's store buffer overlaps only its
+    own E tiles. None when the two sizes do not divide a common size."""
+    out_b = cfg.epi * cfg.epi * itemsize
+    e_b = R * cfg.tile_n * itemsize
+    per_wg = max(cfg.epi_slots * out_b, (cfg.tile_m // SUB) * e_b)
+    if per_wg % out_b or per_wg % e_b:
+        return None
+    return per_wg // out_b, per_wg // e_b
 
 
 def smem_bytes(cfg: mm.GemmConfig, R: int, itemsize: int = 2) -> int:
     """The larger of the two phases: the shrink's ring (x and the A^T blocks of every piece),
-    and the GEMM's ring with its store, h and E buffers."""
+    and the GEMM's ring with its h buffer and the store / E region."""
     nsub = cfg.tile_m // SUB
     shrink = cfg.stages * (cfg.cta_m * cfg.tile_k + _WGS * nsub * R * cfg.tile_k) * itemsize
     shrink += 2 * _WGS * cfg.tile_m * R * itemsize  # s and h on their way out
     ring = cfg.stages * (cfg.cta_m * cfg.tile_k + cfg.tile_k * cfg.cta_n) * itemsize
-    out = _WGS * cfg.epi_slots * cfg.epi * cfg.epi * itemsize
-    h_and_e = _WGS * (cfg.tile_m * R + nsub * R * cfg.tile_n) * itemsize
-    return max(shrink, ring + out + h_and_e)
+    slots = _out_e_slots(cfg, R, itemsize)
+    out_e = _WGS * slots[0] * cfg.epi * cfg.epi * itemsize if slots else 1 << 30
+    h = _WGS * cfg.tile_m * R * itemsize
+    return max(shrink, ring + out_e + h)
+
+
+def config_for(R: int, itemsize: int = 2) -> mm.GemmConfig:
+    """The default tiles with as many stages (4, else 3) as fit beside rank R's buffers: 4
+    divide K / tile_k for the usual widths, so the producer's pipeline chains across tiles."""
+    for stages in (4, 3):
+        cfg = mm.GemmConfig(stages=stages)
+        if smem_bytes(cfg, R, itemsize) <= mm._SMEM_BYTES:
+            return cfg
+    return DEFAULT_CONFIG
 
 
 def supports(M: int, N: int, K: int, R: int, dtype, cfg: mm.GemmConfig = DEFAULT_CONFIG) -> bool:
@@ -101,18 +126,19 @@ def sub_slots(row_slot: jax.Array, G: int) -> jax.Array:
     return jnp.minimum(row_slot[::SUB], G - 1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("transpose_w", "transpose_e", "cfg", "interpret",
-                                             "num_sms", "sync"))  # fmt: skip
+@functools.partial(jax.jit, static_argnames=("transpose_w", "transpose_a", "transpose_e", "cfg",
+                                             "interpret", "num_sms", "sync"))  # fmt: skip
 def matmul_lora(
     x: jax.Array,  # [M, K]
     w: jax.Array,  # [K, N], or [N, K] with transpose_w
-    a_t: jax.Array,  # [G, R, K]: the shrink's matrices transposed (A^T; B in the backward)
+    a_t: jax.Array,  # [G, R, K] (A^T; B in the backward), or [G, K, R] with transpose_a
     e: jax.Array,  # [G, R, N], or [G, N, R] with transpose_e
     sub_slot: jax.Array,  # i32[M // 64]: each piece's slot (sub_slots)
     slot_end: jax.Array,  # i32[G]: one past each slot's last row
     scale: jax.Array,  # f32[G]
     *,
     transpose_w: bool = False,
+    transpose_a: bool = False,
     transpose_e: bool = False,
     cfg: mm.GemmConfig = DEFAULT_CONFIG,
     interpret: bool = False,
@@ -125,7 +151,7 @@ def matmul_lora(
     M, K = x.shape
     N = w.shape[0] if transpose_w else w.shape[1]
     Kw = w.shape[1] if transpose_w else w.shape[0]
-    G, R, Ka = a_t.shape
+    G, R, Ka = (a_t.shape[0], a_t.shape[2], a_t.shape[1]) if transpose_a else a_t.shape
     e_shape = (N, R) if transpose_e else (R, N)
     if Kw != K or Ka != K or e.shape != (G, *e_shape) or x.dtype != w.dtype:
         raise ValueError(
@@ -138,13 +164,13 @@ def matmul_lora(
     if sync not in SYNCS:
         raise ValueError(f"matmul_lora: sync={sync!r} must be one of {SYNCS}")
     k = functools.partial(
-        _kernel_call, x.shape, N, R, G, x.dtype, transpose_w, transpose_e, cfg, interpret,
-        num_sms or mm._num_sms(),
+        _kernel_call, x.shape, N, R, G, x.dtype, transpose_w, transpose_a, transpose_e, cfg,
+        interpret, num_sms or mm._num_sms(),
     )  # fmt: skip
     args = (
         x,
         w,
-        a_t.reshape(G * R, K),
+        a_t.reshape(G * a_t.shape[1], a_t.shape[2]),
         e.reshape(G * e.shape[1], e.shape[2]),
         sub_slot.astype(jnp.int32),
         slot_end.astype(jnp.int32),
@@ -158,7 +184,8 @@ def matmul_lora(
     return y, s
 
 
-def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_e, cfg, interpret, sms, phase):
+def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, cfg, interpret, sms,
+                 phase):  # fmt: skip
     """The kernel for one phase: "both" (shrink bands, then tiles that wait for them), "shrink"
     (the bands alone: outputs s and h) or "gemm" (the tiles alone, h given)."""
     M, K = xshape
@@ -178,8 +205,15 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_e, cfg, interpre
     else:
         w_spec = smem((tile_k, cta_n), lambda k: (k, 0))
     n_a = _WGS * nsub  # A blocks per K step: one per (warpgroup, piece)
-    a_spec = smem((R, tile_k), lambda k: (0, k))  # A^T blocks: the x tile's swizzle
+    if transpose_a:  # [tile_k, R] blocks of A as stored, R-wide swizzle: x goes via registers
+        a_spec = plgpu.BlockSpec((tile_k, R), lambda k: (k, 0), memory_space=plgpu.SMEM,
+                                 transforms=mm._transforms(R, isz))  # fmt: skip
+    else:  # A^T blocks, the x tile's swizzle: both wgmma operands from shared memory
+        a_spec = smem((R, tile_k), lambda k: (0, k))
+    a_rows = K if transpose_a else R
 
+    n_out, n_e = _out_e_slots(cfg, R, isz)
+    e_step = min(1, k_steps - 1)
     total = m_tiles * n_tiles
     grid = m_tiles if phase == "shrink" else min(sms, total)
     # The CTAs with one tile fewer (the last total % grid of the strided order) do the shrink:
@@ -225,7 +259,7 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_e, cfg, interpre
             return sslot_g[(band * _WGS + q) * nsub + p]
 
         def shrink_band(band):
-            a_views = [a_g.at[pl.ds(band_slot(band, q, p) * R, R), :]
+            a_views = [a_g.at[pl.ds(band_slot(band, q, p) * a_rows, a_rows), :]
                        for q in range(_WGS) for p in range(nsub)]  # fmt: skip
             row_tile = band * _WGS + wg
             my_rows = pl.ds(row_tile * tile_m, tile_m)
@@ -246,7 +280,12 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_e, cfg, interpre
                         def _(q=q):
                             for p in range(nsub):
                                 x_p = x_s.at[pl.ds(q * tile_m + p * SUB, SUB), :]
-                                plgpu.wgmma(saccs[p], x_p, a_s[q * nsub + p].transpose((1, 0)))
+                                a_p = a_s[q * nsub + p]
+                                if transpose_a:  # x from registers (interpret mode: the
+                                    # same product from the ref; it has no register operand)
+                                    plgpu.wgmma(saccs[p], x_p if interpret else x_p[...], a_p)
+                                else:
+                                    plgpu.wgmma(saccs[p], x_p, a_p.transpose((1, 0)))
 
                     plgpu.wgmma_wait(0)
                     return saccs
@@ -290,13 +329,16 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_e, cfg, interpre
         @functools.partial(
             pl.run_scoped,
             ring=gemm_pipeline(unused, unused).get_allocations(x_g, w_g),
-            out_smem=plgpu.SMEM((_WGS, cfg.epi_slots, epi, epi), dtype, transforms=out_tr),
+            out_e=plgpu.RefUnion(
+                plgpu.SMEM((_WGS, n_out, epi, epi), dtype, transforms=out_tr),
+                plgpu.SMEM((_WGS, n_e, *e_tile), dtype, transforms=e_tr),
+            ),
             h_smem=plgpu.SMEM((_WGS, tile_m, R), dtype, transforms=h_tr),
-            e_smem=plgpu.SMEM((_WGS, nsub, *e_tile), dtype, transforms=e_tr),
             bars=plgpu.Barrier(num_barriers=_WGS * (nsub + 1)),  # (wg, piece's e), (wg, h)
             collective_axes="wg",
         )
-        def _(ring, out_smem, h_smem, e_smem, bars):
+        def _(ring, out_e, h_smem, bars):
+            out_smem, e_smem = out_e
             rot = lax.rem(cta + total % grid, grid)
             count = lax.div(total - rot + grid - 1, grid)
 
@@ -310,7 +352,10 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_e, cfg, interpre
                 piece = lambda p: row_tile * nsub + p
                 h_bar = bars.at[_WGS * nsub + wg]
 
-                def mma(_, x_s, w_s, accs):
+                def mma(idx, x_s, w_s, accs):
+                    # E shares its buffer with the store's: it loads once the previous tile's
+                    # stores have read it, long done by the second K step (the first: K = 1).
+                    pl.when(idx[0] == e_step)(fetch_e_and_h)
                     w_t = w_s.transpose((1, 0)) if transpose_w else w_s
                     for p in range(nsub):
                         plgpu.wgmma(accs[p], x_s.at[pl.ds(wg * tile_m + p * SUB, SUB), :], w_t)
@@ -333,17 +378,20 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_e, cfg, interpre
                         pl.semaphore_wait(sems.at[row_tile], 1, decrement=False)
                     plgpu.copy_gmem_to_smem(h_g.at[my_rows, :], h_smem.at[wg], h_bar)
 
+                def fetch_e_and_h():
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for p in range(nsub):
+                        pl.when(live(p))(functools.partial(fetch_e, p))
+                    # The CTA's first tile may run beside its band's shrink: it waits for h
+                    # after its K loop. Later tiles find h ready and load it during theirs.
+                    pl.when(j > 0)(fetch_h)
+
                 def compute_context(run_pipeline):
                     @functools.partial(
                         pl.run_scoped,
                         accs=[plgpu.ACC((SUB, tile_n), jnp.float32) for _ in range(nsub)],
                     )
                     def _(accs):
-                        for p in range(nsub):  # E tiles load during the K loop
-                            pl.when(live(p))(functools.partial(fetch_e, p))
-                        # The CTA's first tile may run beside its band's shrink: it waits for h
-                        # after its K loop. Later tiles find h ready and load it during theirs.
-                        pl.when(j > 0)(fetch_h)
                         run_pipeline(accs)
                         pl.when(j == 0)(fetch_h)
                         plgpu.barrier_wait(h_bar)

@@ -34,14 +34,16 @@ def _want(x, w, a_kr, e_rn, row_slot, scale):
 
 
 @pytest.mark.parametrize(
-    ("cfg", "transposed"),
-    [(SMALL_128, False), (SMALL, True), pytest.param(SMALL, False, marks=pytest.mark.slow),
-     pytest.param(SMALL_128, True, marks=pytest.mark.slow)],
+    ("cfg", "transposed", "a_stored"),
+    [(SMALL_128, False, True), (SMALL, True, False),
+     pytest.param(SMALL, False, False, marks=pytest.mark.slow),
+     pytest.param(SMALL_128, True, True, marks=pytest.mark.slow)],
 )  # fmt: skip
-def test_kernel_against_numpy(cfg, transposed):
+def test_kernel_against_numpy(cfg, transposed, a_stored):
     """y and s per 64-row piece: two slots in one CTA band, an empty slot, 20 live rows then
     the tail in one piece; the forward's operands (W, E = B) or the backward's (W^T, E read
-    transposed); the shrink's matrices go in transposed."""
+    transposed); the shrink's matrices as stored ([G, K, R], x through registers: the
+    forward's A) or transposed ([G, R, K]: the backward's B)."""
     M, K, N, R, G = 512, 128, 128, 16, 3
     k = jax.random.split(jax.random.key(1), 4)
     x = jax.random.normal(k[0], (M, K), jnp.bfloat16)
@@ -52,10 +54,10 @@ def test_kernel_against_numpy(cfg, transposed):
     row_slot = np.searchsorted(ends, np.arange(M), side="right")
     scale = np.array([0.5, 2.0, -1.5], np.float32)
     y, s = ms.matmul_lora(
-        x, w.T if transposed else w, jnp.swapaxes(a, 1, 2),
+        x, w.T if transposed else w, a if a_stored else jnp.swapaxes(a, 1, 2),
         jnp.swapaxes(e, 1, 2) if transposed else e, ms.sub_slots(jnp.asarray(row_slot), G),
         jnp.asarray(ends, jnp.int32), jnp.asarray(scale), transpose_w=transposed,
-        transpose_e=transposed, cfg=cfg, interpret=True, num_sms=3,
+        transpose_a=a_stored, transpose_e=transposed, cfg=cfg, interpret=True, num_sms=3,
     )  # fmt: skip
     want_y, want_s = _want(x, w, a, e, row_slot, scale)
     assert _rel(y, want_y) < 5e-3 and _rel(s, want_s) < 5e-3
@@ -65,16 +67,18 @@ def test_kernel_against_numpy(cfg, transposed):
 @pytest.mark.parametrize("transposed", [False, True])
 def test_kernel_lowers_for_cuda(transposed):
     """The one-launch form (global semaphores, shrink bands on the short CTAs) passes Mosaic
-    GPU's lowering for an H100 at 4096³, which interpret mode does not exercise."""
+    GPU's lowering for an H100 at 4096³, which interpret mode does not exercise: the forward's
+    operands (A as stored, x into registers for the shrink) and the backward's."""
     M = N = K = 4096
     G, R = 8, 16
     S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
     args = (S((M, K), bf), S((N, K) if transposed else (K, N), bf),
-            S((G, R, K), bf),
+            S((G, R, K) if transposed else (G, K, R), bf),
             S((G, N, R) if transposed else (G, R, N), bf), S((M // 64,), jnp.int32),
             S((G,), jnp.int32), S((G,), jnp.float32))  # fmt: skip
     f = lambda *v: ms.matmul_lora(
-        *v, transpose_w=transposed, transpose_e=transposed, num_sms=132,
+        *v, transpose_w=transposed, transpose_a=not transposed, transpose_e=transposed,
+        num_sms=132,
         sync="semaphore",
     )  # fmt: skip
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
