@@ -444,6 +444,8 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+    # Named per use, so a profile tells the forward's launch from the backward's.
+    kernel.__name__ = f"lora_in_gemm_{phase}_{'dx' if transpose_w else 'y'}_s{cfg.stages}"
     y_t = jax.ShapeDtypeStruct((M, N), dtype)
     sr_t = jax.ShapeDtypeStruct((M, R), dtype)
     out_type = {"both": (y_t, sr_t, sr_t), "shrink": (sr_t, sr_t), "gemm": y_t}[phase]
