@@ -71,8 +71,8 @@ def smem_bytes(cfg: mm.GemmConfig, R: int, itemsize: int = 2) -> int:
     """The larger of the two phases: the shrink's ring (x and the A^T blocks of every piece),
     and the GEMM's ring with its h buffer and the store / E region."""
     nsub = cfg.tile_m // SUB
-    shrink = cfg.stages * (cfg.cta_m * cfg.tile_k + _WGS * nsub * R * cfg.tile_k) * itemsize
-    shrink += 2 * _WGS * cfg.tile_m * R * itemsize  # s and h on their way out
+    shrink = cfg.stages * (cfg.tile_m * cfg.tile_k + nsub * R * cfg.tile_k) * itemsize
+    shrink += 2 * _WGS * -(-nsub // _WGS) * SUB * R * itemsize  # s and h on their way out
     ring = cfg.stages * (cfg.cta_m * cfg.tile_k + cfg.tile_k * cfg.cta_n) * itemsize
     slots = _out_e_slots(cfg, R, itemsize)
     out_e = _WGS * slots[0] * cfg.epi * cfg.epi * itemsize if slots else 1 << 30
@@ -200,11 +200,13 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
     out_tr = mm._transforms(epi, isz)
     smem = functools.partial(plgpu.BlockSpec, memory_space=plgpu.SMEM, transforms=op_tr)
     x_spec = smem((cta_m, tile_k), lambda k: (0, k))
+    xs_spec = smem((tile_m, tile_k), lambda k: (0, k))  # the shrink's unit: one row tile
     if transpose_w:
         w_spec = smem((cta_n, tile_k), lambda k: (0, k))
     else:
         w_spec = smem((tile_k, cta_n), lambda k: (k, 0))
-    n_a = _WGS * nsub  # A blocks per K step: one per (warpgroup, piece)
+    n_local = -(-nsub // _WGS)  # pieces per warpgroup in the shrink
+    n_sig = min(_WGS, nsub)  # warpgroups that hold pieces: signals per row tile
     if transpose_a:  # [tile_k, R] blocks of A as stored, R-wide swizzle: x goes via registers
         a_spec = plgpu.BlockSpec((tile_k, R), lambda k: (k, 0), memory_space=plgpu.SMEM,
                                  transforms=mm._transforms(R, isz))  # fmt: skip
@@ -215,14 +217,15 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
     n_out, n_e = _out_e_slots(cfg, R, isz)
     e_step = min(1, k_steps - 1)
     total = m_tiles * n_tiles
-    grid = m_tiles if phase == "shrink" else min(sms, total)
+    n_units = M // tile_m
+    grid = n_units if phase == "shrink" else min(sms, total)
     # The CTAs with one tile fewer (the last total % grid of the strided order) do the shrink:
     # CTA c takes the tiles rot(c), rot(c) + grid, ... with rot(c) = (c + total % grid) % grid,
     # so CTAs 0 .. n_shrink - 1 are the short ones.
     spare = (grid - total % grid) % grid
-    n_shrink = m_tiles if phase == "shrink" else min(m_tiles, grid, max(spare, 1))
+    n_shrink = n_units if phase == "shrink" else min(n_units, grid, max(spare, 1))
     if phase == "both" and spare == 0:
-        n_shrink = min(m_tiles, grid)
+        n_shrink = min(n_units, grid)
     chained = cfg.chain_tiles and k_steps % cfg.stages == 0 and total >= 2 * grid
 
     def gemm_pipeline(body, compute_context, state=None):
@@ -234,7 +237,7 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
 
     def shrink_pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(k_steps,), memory_registers=40, in_specs=[x_spec] + [a_spec] * n_a,
+            body, grid=(k_steps,), memory_registers=40, in_specs=[xs_spec] + [a_spec] * nsub,
             wg_axis="wg", num_compute_wgs=_WGS, max_concurrent_steps=cfg.stages,
             compute_context=compute_context,
         )  # fmt: skip
@@ -246,46 +249,39 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
             s_g, h_g = outs
         else:
             y_g, s_g, h_g = outs
-        sems = (
-            pl.get_global(plgpu.SemaphoreType.REGULAR((m_tiles * _WGS,)))
-            if phase == "both"
-            else None
-        )
+        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_units,))) if phase == "both" else None
         unused = lambda *a, **k: None
         wg = lax.axis_index("wg")
         cta = lax.axis_index("sm")
 
-        def band_slot(band, q, p):
-            return sslot_g[(band * _WGS + q) * nsub + p]
-
-        def shrink_band(band):
-            a_views = [a_g.at[pl.ds(band_slot(band, q, p) * a_rows, a_rows), :]
-                       for q in range(_WGS) for p in range(nsub)]  # fmt: skip
-            row_tile = band * _WGS + wg
-            my_rows = pl.ds(row_tile * tile_m, tile_m)
+        def shrink_unit(row_tile):
+            """s and h of one row tile (tile_m rows): warpgroup q takes pieces q, q + 2, ...
+            and signals the row tile's semaphore once its rows of h are in memory."""
+            a_views = [a_g.at[pl.ds(sslot_g[row_tile * nsub + p] * a_rows, a_rows), :]
+                       for p in range(nsub)]  # fmt: skip
 
             @functools.partial(
                 pl.run_scoped,
                 ring=shrink_pipeline(unused, unused).get_allocations(x_g, *a_views),
-                s_smem=plgpu.SMEM((_WGS, tile_m, R), dtype, transforms=h_tr),
-                h_smem=plgpu.SMEM((_WGS, tile_m, R), dtype, transforms=h_tr),
+                s_smem=plgpu.SMEM((_WGS, n_local * SUB, R), dtype, transforms=h_tr),
+                h_smem=plgpu.SMEM((_WGS, n_local * SUB, R), dtype, transforms=h_tr),
                 collective_axes="wg",
             )
             def _(ring, s_smem, h_smem):
                 def mma(_, x_s, *rest):
                     *a_s, saccs = rest
-                    for q in range(_WGS):
+                    for q in range(n_sig):
 
                         @pl.when(wg == q)
                         def _(q=q):
-                            for p in range(nsub):
-                                x_p = x_s.at[pl.ds(q * tile_m + p * SUB, SUB), :]
-                                a_p = a_s[q * nsub + p]
+                            for i, p in enumerate(range(q, nsub, _WGS)):
+                                x_p = x_s.at[pl.ds(p * SUB, SUB), :]
                                 if transpose_a:  # x from registers (interpret mode: the
                                     # same product from the ref; it has no register operand)
-                                    plgpu.wgmma(saccs[p], x_p if interpret else x_p[...], a_p)
+                                    x_p = x_p if interpret else x_p[...]
+                                    plgpu.wgmma(saccs[i], x_p, a_s[p])
                                 else:
-                                    plgpu.wgmma(saccs[p], x_p, a_p.transpose((1, 0)))
+                                    plgpu.wgmma(saccs[i], x_p, a_s[p].transpose((1, 0)))
 
                     plgpu.wgmma_wait(0)
                     return saccs
@@ -293,35 +289,45 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
                 def compute_context(run_pipeline):
                     @functools.partial(
                         pl.run_scoped,
-                        saccs=[plgpu.ACC((SUB, R), jnp.float32) for _ in range(nsub)],
+                        saccs=[plgpu.ACC((SUB, R), jnp.float32) for _ in range(n_local)],
                     )
                     def _(saccs):
                         run_pipeline(saccs)
-                        for p in range(nsub):
-                            piece = row_tile * nsub + p
-                            slot = sslot_g[piece]
-                            rows = plgpu.broadcasted_iota(jnp.int32, (SUB, R), 0,
-                                                          layout=plgpu.Layout.WGMMA)  # fmt: skip
-                            sv = jnp.where(rows + piece * SUB < send_g[slot], saccs[p][...], 0.0)
-                            s_smem[wg, pl.ds(p * SUB, SUB)] = sv.astype(dtype)
-                            h_smem[wg, pl.ds(p * SUB, SUB)] = (sv * scale_g[slot]).astype(dtype)
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(s_smem.at[wg], s_g.at[my_rows, :])
-                        plgpu.copy_smem_to_gmem(h_smem.at[wg], h_g.at[my_rows, :])
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=False)
-                        if sems is not None:  # h is in memory: this band's tiles may load it
-                            pl.semaphore_signal(sems.at[row_tile], n_tiles)
+                        for q in range(n_sig):
 
-                rows = pl.ds(band * cta_m, cta_m)
+                            @pl.when(wg == q)
+                            def _(q=q):
+                                store_unit(row_tile, q, saccs, s_smem, h_smem)
+
+                rows = pl.ds(row_tile * tile_m, tile_m)
                 shrink_pipeline(mma, compute_context)(x_g.at[rows, :], *a_views, allocations=ring)
+
+        def store_unit(row_tile, q, saccs, s_smem, h_smem):
+            for i, p in enumerate(range(q, nsub, _WGS)):
+                piece = row_tile * nsub + p
+                slot = sslot_g[piece]
+                rows = plgpu.broadcasted_iota(jnp.int32, (SUB, R), 0, layout=plgpu.Layout.WGMMA)
+                sv = jnp.where(rows + piece * SUB < send_g[slot], saccs[i][...], 0.0)
+                s_smem[q, pl.ds(i * SUB, SUB)] = sv.astype(dtype)
+                h_smem[q, pl.ds(i * SUB, SUB)] = (sv * scale_g[slot]).astype(dtype)
+            plgpu.commit_smem()
+            for i, p in enumerate(range(q, nsub, _WGS)):
+                piece_rows = pl.ds(row_tile * tile_m + p * SUB, SUB)
+                plgpu.copy_smem_to_gmem(s_smem.at[q, pl.ds(i * SUB, SUB)], s_g.at[piece_rows, :])
+                plgpu.copy_smem_to_gmem(h_smem.at[q, pl.ds(i * SUB, SUB)], h_g.at[piece_rows, :])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=False)
+            if sems is not None:  # h is in memory: this row tile's GEMM tiles may load it
+                pl.semaphore_signal(sems.at[row_tile], 1)
 
         if phase in ("both", "shrink"):
 
             @pl.when(cta < n_shrink)
             def _():
-                @pl.loop(cta, m_tiles, step=n_shrink)
-                def _(band):
-                    shrink_band(band)
+                # Row tiles in order, strided over the shrink CTAs: the first ones, which the
+                # first wave of GEMM tiles needs, are done first and all at once.
+                @pl.loop(cta, n_units, step=n_shrink)
+                def _(row_tile):
+                    shrink_unit(row_tile)
 
         if phase == "shrink":
             return
@@ -375,7 +381,7 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
 
                 def fetch_h():
                     if sems is not None:
-                        pl.semaphore_wait(sems.at[row_tile], 1, decrement=False)
+                        pl.semaphore_wait(sems.at[row_tile], n_sig, decrement=False)
                     plgpu.copy_gmem_to_smem(h_g.at[my_rows, :], h_smem.at[wg], h_bar)
 
                 def fetch_e_and_h():
