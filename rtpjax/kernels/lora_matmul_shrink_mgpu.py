@@ -19,18 +19,29 @@ tiles before it: by then the shrink is long done). Computing the shrink inside e
 loop instead (x is in shared memory there anyway) measured 40–60 µs slower: a wgmma with N = 16
 costs far more than 16/128 of one with N = 128, and every CTA would pay it at least once.
 
-Operands: the shrink's matrices transposed, [G, R, K] (K minor: the x tile's swizzle, which
-wgmma needs for both operands; with A as stored, [G, K, R], the shrink's x tiles would be R wide
-and the kernel measured 226 µs instead of 184 on the H100, so lora_linear transposes A first);
-E as [G, R, N] (or [G, N, R] read transposed, `transpose_e`). The backward uses the same kernel
-for dx = dy @ W^T + du @ A^T with B [G, R, O] as stored as the shrink operand (u = dy @ B^T
-comes out as s) and A as E (transpose_e).
+Operands: the shrink's matrices as stored, [G, K, R] (`transpose_a`: the forward's A), or
+transposed, [G, R, K] (the backward's B). wgmma takes one swizzle for both of its shared-memory
+operands, and a [tile_k, R] block of A has the 32-byte one; so with A as stored the shrink loads
+its x rows into registers (the 128-byte-swizzled tile stays as it is for TMA) and only A comes
+from shared memory. Transposing A in XLA instead costs a copy (1.6 µs at G = 1, 6.8 at G = 64
+on the H100), and giving the x tiles A's swizzle (16 wide) made the kernel 226 µs instead of
+184. E is [G, R, N] (or [G, N, R] read transposed, `transpose_e`). The backward uses the same
+kernel for dx = dy @ W^T + du @ A^T with B [G, R, O] as the shrink operand (u = dy @ B^T comes
+out as s) and A as E (transpose_e).
 
 Structure as matmul_expand's: persistent, one producer warpgroup streaming tiles through a
 `stages`-deep ring, two compute warpgroups with tile_m x tile_n of y each (stacked rows,
-tile_m / 64 accumulators of 64 rows), epilogue through shared memory by TMA. Mosaic GPU's
-interpret mode has no semaphores, so there (`sync="two_launch"`) the shrink bands run as one
-launch and the GEMM as a second one reading h: the same code without the waits.
+tile_m / 64 accumulators of 64 rows), epilogue through shared memory by TMA. The store buffer
+and the E tiles take turns in one shared-memory region (a RefUnion), which leaves room for 4
+pipeline stages at rank 16 (3 without: 4 divide K / tile_k, so the producer's pipeline chains
+across tiles, `GemmConfig.chain_tiles`). Mosaic GPU's interpret mode has no semaphores, so
+there (`sync="two_launch"`) the shrink bands run as one launch and the GEMM as a second one
+reading h: the same code without the waits.
+
+Tried and dropped: shrink units of one row tile (the two warpgroups splitting its pieces), so
+that the first wave's rows would be ready in half the time. With x through registers the
+forward kernel took 200 µs instead of 186 (H100, same run): with one piece per warpgroup each
+K step's register load, wgmma and wait run back to back.
 """
 
 from __future__ import annotations
@@ -71,8 +82,8 @@ def smem_bytes(cfg: mm.GemmConfig, R: int, itemsize: int = 2) -> int:
     """The larger of the two phases: the shrink's ring (x and the A^T blocks of every piece),
     and the GEMM's ring with its h buffer and the store / E region."""
     nsub = cfg.tile_m // SUB
-    shrink = cfg.stages * (cfg.tile_m * cfg.tile_k + nsub * R * cfg.tile_k) * itemsize
-    shrink += 2 * _WGS * -(-nsub // _WGS) * SUB * R * itemsize  # s and h on their way out
+    shrink = cfg.stages * (cfg.cta_m * cfg.tile_k + _WGS * nsub * R * cfg.tile_k) * itemsize
+    shrink += 2 * _WGS * cfg.tile_m * R * itemsize  # s and h on their way out
     ring = cfg.stages * (cfg.cta_m * cfg.tile_k + cfg.tile_k * cfg.cta_n) * itemsize
     slots = _out_e_slots(cfg, R, itemsize)
     out_e = _WGS * slots[0] * cfg.epi * cfg.epi * itemsize if slots else 1 << 30
@@ -200,13 +211,11 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
     out_tr = mm._transforms(epi, isz)
     smem = functools.partial(plgpu.BlockSpec, memory_space=plgpu.SMEM, transforms=op_tr)
     x_spec = smem((cta_m, tile_k), lambda k: (0, k))
-    xs_spec = smem((tile_m, tile_k), lambda k: (0, k))  # the shrink's unit: one row tile
     if transpose_w:
         w_spec = smem((cta_n, tile_k), lambda k: (0, k))
     else:
         w_spec = smem((tile_k, cta_n), lambda k: (k, 0))
-    n_local = -(-nsub // _WGS)  # pieces per warpgroup in the shrink
-    n_sig = min(_WGS, nsub)  # warpgroups that hold pieces: signals per row tile
+    n_a = _WGS * nsub  # A blocks per K step: one per (warpgroup, piece)
     if transpose_a:  # [tile_k, R] blocks of A as stored, R-wide swizzle: x goes via registers
         a_spec = plgpu.BlockSpec((tile_k, R), lambda k: (k, 0), memory_space=plgpu.SMEM,
                                  transforms=mm._transforms(R, isz))  # fmt: skip
@@ -217,15 +226,14 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
     n_out, n_e = _out_e_slots(cfg, R, isz)
     e_step = min(1, k_steps - 1)
     total = m_tiles * n_tiles
-    n_units = M // tile_m
-    grid = n_units if phase == "shrink" else min(sms, total)
+    grid = m_tiles if phase == "shrink" else min(sms, total)
     # The CTAs with one tile fewer (the last total % grid of the strided order) do the shrink:
     # CTA c takes the tiles rot(c), rot(c) + grid, ... with rot(c) = (c + total % grid) % grid,
     # so CTAs 0 .. n_shrink - 1 are the short ones.
     spare = (grid - total % grid) % grid
-    n_shrink = n_units if phase == "shrink" else min(n_units, grid, max(spare, 1))
+    n_shrink = m_tiles if phase == "shrink" else min(m_tiles, grid, max(spare, 1))
     if phase == "both" and spare == 0:
-        n_shrink = min(n_units, grid)
+        n_shrink = min(m_tiles, grid)
     chained = cfg.chain_tiles and k_steps % cfg.stages == 0 and total >= 2 * grid
 
     def gemm_pipeline(body, compute_context, state=None):
@@ -237,7 +245,7 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
 
     def shrink_pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(k_steps,), memory_registers=40, in_specs=[xs_spec] + [a_spec] * nsub,
+            body, grid=(k_steps,), memory_registers=40, in_specs=[x_spec] + [a_spec] * n_a,
             wg_axis="wg", num_compute_wgs=_WGS, max_concurrent_steps=cfg.stages,
             compute_context=compute_context,
         )  # fmt: skip
@@ -249,39 +257,46 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
             s_g, h_g = outs
         else:
             y_g, s_g, h_g = outs
-        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_units,))) if phase == "both" else None
+        sems = (
+            pl.get_global(plgpu.SemaphoreType.REGULAR((m_tiles * _WGS,)))
+            if phase == "both"
+            else None
+        )
         unused = lambda *a, **k: None
         wg = lax.axis_index("wg")
         cta = lax.axis_index("sm")
 
-        def shrink_unit(row_tile):
-            """s and h of one row tile (tile_m rows): warpgroup q takes pieces q, q + 2, ...
-            and signals the row tile's semaphore once its rows of h are in memory."""
-            a_views = [a_g.at[pl.ds(sslot_g[row_tile * nsub + p] * a_rows, a_rows), :]
-                       for p in range(nsub)]  # fmt: skip
+        def band_slot(band, q, p):
+            return sslot_g[(band * _WGS + q) * nsub + p]
+
+        def shrink_band(band):
+            a_views = [a_g.at[pl.ds(band_slot(band, q, p) * a_rows, a_rows), :]
+                       for q in range(_WGS) for p in range(nsub)]  # fmt: skip
+            row_tile = band * _WGS + wg
+            my_rows = pl.ds(row_tile * tile_m, tile_m)
 
             @functools.partial(
                 pl.run_scoped,
                 ring=shrink_pipeline(unused, unused).get_allocations(x_g, *a_views),
-                s_smem=plgpu.SMEM((_WGS, n_local * SUB, R), dtype, transforms=h_tr),
-                h_smem=plgpu.SMEM((_WGS, n_local * SUB, R), dtype, transforms=h_tr),
+                s_smem=plgpu.SMEM((_WGS, tile_m, R), dtype, transforms=h_tr),
+                h_smem=plgpu.SMEM((_WGS, tile_m, R), dtype, transforms=h_tr),
                 collective_axes="wg",
             )
             def _(ring, s_smem, h_smem):
                 def mma(_, x_s, *rest):
                     *a_s, saccs = rest
-                    for q in range(n_sig):
+                    for q in range(_WGS):
 
                         @pl.when(wg == q)
                         def _(q=q):
-                            for i, p in enumerate(range(q, nsub, _WGS)):
-                                x_p = x_s.at[pl.ds(p * SUB, SUB), :]
+                            for p in range(nsub):
+                                x_p = x_s.at[pl.ds(q * tile_m + p * SUB, SUB), :]
+                                a_p = a_s[q * nsub + p]
                                 if transpose_a:  # x from registers (interpret mode: the
                                     # same product from the ref; it has no register operand)
-                                    x_p = x_p if interpret else x_p[...]
-                                    plgpu.wgmma(saccs[i], x_p, a_s[p])
+                                    plgpu.wgmma(saccs[p], x_p if interpret else x_p[...], a_p)
                                 else:
-                                    plgpu.wgmma(saccs[i], x_p, a_s[p].transpose((1, 0)))
+                                    plgpu.wgmma(saccs[p], x_p, a_p.transpose((1, 0)))
 
                     plgpu.wgmma_wait(0)
                     return saccs
@@ -289,45 +304,35 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
                 def compute_context(run_pipeline):
                     @functools.partial(
                         pl.run_scoped,
-                        saccs=[plgpu.ACC((SUB, R), jnp.float32) for _ in range(n_local)],
+                        saccs=[plgpu.ACC((SUB, R), jnp.float32) for _ in range(nsub)],
                     )
                     def _(saccs):
                         run_pipeline(saccs)
-                        for q in range(n_sig):
+                        for p in range(nsub):
+                            piece = row_tile * nsub + p
+                            slot = sslot_g[piece]
+                            rows = plgpu.broadcasted_iota(jnp.int32, (SUB, R), 0,
+                                                          layout=plgpu.Layout.WGMMA)  # fmt: skip
+                            sv = jnp.where(rows + piece * SUB < send_g[slot], saccs[p][...], 0.0)
+                            s_smem[wg, pl.ds(p * SUB, SUB)] = sv.astype(dtype)
+                            h_smem[wg, pl.ds(p * SUB, SUB)] = (sv * scale_g[slot]).astype(dtype)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(s_smem.at[wg], s_g.at[my_rows, :])
+                        plgpu.copy_smem_to_gmem(h_smem.at[wg], h_g.at[my_rows, :])
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=False)
+                        if sems is not None:  # h is in memory: this band's tiles may load it
+                            pl.semaphore_signal(sems.at[row_tile], n_tiles)
 
-                            @pl.when(wg == q)
-                            def _(q=q):
-                                store_unit(row_tile, q, saccs, s_smem, h_smem)
-
-                rows = pl.ds(row_tile * tile_m, tile_m)
+                rows = pl.ds(band * cta_m, cta_m)
                 shrink_pipeline(mma, compute_context)(x_g.at[rows, :], *a_views, allocations=ring)
-
-        def store_unit(row_tile, q, saccs, s_smem, h_smem):
-            for i, p in enumerate(range(q, nsub, _WGS)):
-                piece = row_tile * nsub + p
-                slot = sslot_g[piece]
-                rows = plgpu.broadcasted_iota(jnp.int32, (SUB, R), 0, layout=plgpu.Layout.WGMMA)
-                sv = jnp.where(rows + piece * SUB < send_g[slot], saccs[i][...], 0.0)
-                s_smem[q, pl.ds(i * SUB, SUB)] = sv.astype(dtype)
-                h_smem[q, pl.ds(i * SUB, SUB)] = (sv * scale_g[slot]).astype(dtype)
-            plgpu.commit_smem()
-            for i, p in enumerate(range(q, nsub, _WGS)):
-                piece_rows = pl.ds(row_tile * tile_m + p * SUB, SUB)
-                plgpu.copy_smem_to_gmem(s_smem.at[q, pl.ds(i * SUB, SUB)], s_g.at[piece_rows, :])
-                plgpu.copy_smem_to_gmem(h_smem.at[q, pl.ds(i * SUB, SUB)], h_g.at[piece_rows, :])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=False)
-            if sems is not None:  # h is in memory: this row tile's GEMM tiles may load it
-                pl.semaphore_signal(sems.at[row_tile], 1)
 
         if phase in ("both", "shrink"):
 
             @pl.when(cta < n_shrink)
             def _():
-                # Row tiles in order, strided over the shrink CTAs: the first ones, which the
-                # first wave of GEMM tiles needs, are done first and all at once.
-                @pl.loop(cta, n_units, step=n_shrink)
-                def _(row_tile):
-                    shrink_unit(row_tile)
+                @pl.loop(cta, m_tiles, step=n_shrink)
+                def _(band):
+                    shrink_band(band)
 
         if phase == "shrink":
             return
@@ -381,7 +386,7 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
 
                 def fetch_h():
                     if sems is not None:
-                        pl.semaphore_wait(sems.at[row_tile], n_sig, decrement=False)
+                        pl.semaphore_wait(sems.at[row_tile], 1, decrement=False)
                     plgpu.copy_gmem_to_smem(h_g.at[my_rows, :], h_smem.at[wg], h_bar)
 
                 def fetch_e_and_h():
