@@ -142,7 +142,7 @@ def sub_slots(row_slot: jax.Array, G: int) -> jax.Array:
 def matmul_lora(
     x: jax.Array,  # [M, K]
     w: jax.Array,  # [K, N], or [N, K] with transpose_w
-    a_t: jax.Array,  # [G, R, K] (A^T; B in the backward), or [G, K, R] with transpose_a
+    a: jax.Array,  # [G, R, K] (the backward's B), or [G, K, R] with transpose_a (the forward's A)
     e: jax.Array,  # [G, R, N], or [G, N, R] with transpose_e
     sub_slot: jax.Array,  # i32[M // 64]: each piece's slot (sub_slots)
     slot_end: jax.Array,  # i32[G]: one past each slot's last row
@@ -162,12 +162,13 @@ def matmul_lora(
     M, K = x.shape
     N = w.shape[0] if transpose_w else w.shape[1]
     Kw = w.shape[1] if transpose_w else w.shape[0]
-    G, R, Ka = (a_t.shape[0], a_t.shape[2], a_t.shape[1]) if transpose_a else a_t.shape
+    G, R, Ka = (a.shape[0], a.shape[2], a.shape[1]) if transpose_a else a.shape
     e_shape = (N, R) if transpose_e else (R, N)
     if Kw != K or Ka != K or e.shape != (G, *e_shape) or x.dtype != w.dtype:
         raise ValueError(
             f"matmul_lora: x {x.shape} {x.dtype}, w {w.shape} {w.dtype} (transpose_w="
-            f"{transpose_w}), a_t {a_t.shape}, e {e.shape} do not fit together"
+            f"{transpose_w}), a {a.shape} (transpose_a={transpose_a}), e {e.shape} do not fit "
+            "together"
         )
     if not supports(M, N, K, R, x.dtype, cfg):
         raise ValueError(f"matmul_lora: shape M={M} N={N} K={K} R={R} not covered by {cfg}")
@@ -181,7 +182,7 @@ def matmul_lora(
     args = (
         x,
         w,
-        a_t.reshape(G * a_t.shape[1], a_t.shape[2]),
+        a.reshape(G * a.shape[1], a.shape[2]),
         e.reshape(G * e.shape[1], e.shape[2]),
         sub_slot.astype(jnp.int32),
         slot_end.astype(jnp.int32),

@@ -117,6 +117,9 @@ def test_one_slot_plans_and_errors():
     with pytest.raises(ValueError, match="in_gemm"):
         ll.lora_linear(x, w, a, b, None, scale, plan=plan, impl="fused", gemm_config=SMALL,
                        small_ops="in_gemm", interpret=True)  # fmt: skip
+    with pytest.raises(ValueError, match="transpose_a=False"):  # A as stored, flag missing
+        ms.matmul_lora(x, w, a, b, jnp.zeros((4,), jnp.int32), jnp.zeros((5,), jnp.int32), scale,
+                       cfg=SMALL, interpret=True)  # fmt: skip
     with pytest.raises(ValueError, match="sync"):
         ms.matmul_lora(x, w, jnp.swapaxes(a, 1, 2), b, jnp.zeros((4,), jnp.int32),
                        jnp.zeros((5,), jnp.int32), scale, cfg=SMALL, sync="spin")  # fmt: skip
