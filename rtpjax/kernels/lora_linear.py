@@ -188,8 +188,7 @@ def _in_gemm_supported(x, w, a, plan, gcfg) -> bool:
 
 def _fused_fwd(x, w, a, b, scale, plan, gcfg, lcfg, small, interpret):
     m = plan.meta(scale)
-    if small == "in_gemm":  # shrink, GEMM and expand in one launch; s comes back in x.dtype,
-        # as its partial sums over K ranges [P, T, R]
+    if small == "in_gemm":  # shrink, GEMM and expand in one launch; s comes back in x.dtype
         # A goes in as stored ([G, I, R]; the kernel's shrink takes x from registers): no
         # transposed copy (6.7 µs at G = 64 on the H100).
         a_z = _rank_zeroed(a, plan, 2).astype(x.dtype)
@@ -224,9 +223,7 @@ def _fused_bwd(gcfg, lcfg, small, interpret, res, dy):
             cfg=_shrink_cfg(gcfg, a.shape[2], x.dtype),
             interpret=interpret,
         )  # fmt: skip
-        # s and u come as partial sums over K ranges (ms.k_parts): XLA folds the sums into
-        # the small elementwise passes below.
-        s, u = (jnp.sum(v.astype(jnp.float32), axis=0) for v in (s, u))
+        s, u = s.astype(jnp.float32), u.astype(jnp.float32)
     # The scale and cast of s stay in XLA: done inside gmm_tgmm (loading s as float32) that
     # kernel measured 2 µs slower at G = 1 and 8 and 10 µs at G = 64 (seventh session).
     sp = (s * rs).astype(dy.dtype)

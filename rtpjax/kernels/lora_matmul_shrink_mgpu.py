@@ -87,15 +87,8 @@ def smem_bytes(cfg: mm.GemmConfig, R: int, itemsize: int = 2) -> int:
     ring = cfg.stages * (cfg.cta_m * cfg.tile_k + cfg.tile_k * cfg.cta_n) * itemsize
     slots = _out_e_slots(cfg, R, itemsize)
     out_e = _WGS * slots[0] * cfg.epi * cfg.epi * itemsize if slots else 1 << 30
-    h = _WGS * 2 * cfg.tile_m * R * itemsize  # up to two parts of h (k_parts)
+    h = _WGS * cfg.tile_m * R * itemsize
     return max(shrink, ring + out_e + h)
-
-
-def k_parts(tile_k: int, K: int) -> int:
-    """How many K ranges the shrink of one row band is split into: 2 where K / tile_k is even.
-    Two shrink CTAs then share a band, so the bands the first wave of tiles needs are ready in
-    half the time; each writes its partial s (and h), and the expand adds both."""
-    return 2 if (K // tile_k) % 2 == 0 else 1
 
 
 def config_for(R: int, itemsize: int = 2) -> mm.GemmConfig:
@@ -162,9 +155,8 @@ def matmul_lora(
     interpret: bool = False,
     num_sms: int | None = None,
     sync: str | None = None,
-) -> tuple[jax.Array, jax.Array]:  # y [M, N], s [P, M, R] (P = k_parts), both in x.dtype
-    """y = x @ W + scale[g]·s @ E_g and s = x @ A_g^T per 64-row piece (see module); s comes
-    back as its k_parts partial sums over K ranges (s = their sum).
+) -> tuple[jax.Array, jax.Array]:  # y [M, N], s [M, R], both in x.dtype
+    """y = x @ W + scale[g]·s @ E_g and s = x @ A_g^T per 64-row piece (see module).
     sync: "semaphore" (one launch; the default on a GPU) or "two_launch" (the default in
     interpret mode, which has no semaphores)."""
     M, K = x.shape
@@ -201,7 +193,7 @@ def matmul_lora(
     else:
         s, h = k("shrink")(*args)
         y = k("gemm")(*args, h)
-    return y, s.reshape(-1, M, R)
+    return y, s
 
 
 def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, cfg, interpret, sms,
@@ -230,21 +222,19 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
                                  transforms=mm._transforms(R, isz))  # fmt: skip
     else:  # A^T blocks, the x tile's swizzle: both wgmma operands from shared memory
         a_spec = smem((R, tile_k), lambda k: (0, k))
+    a_rows = K if transpose_a else R
 
     n_out, n_e = _out_e_slots(cfg, R, isz)
     e_step = min(1, k_steps - 1)
-    parts = k_parts(tile_k, K)
-    kp_steps = k_steps // parts  # K steps of one shrink unit
-    n_units = m_tiles * parts  # shrink units: (band, K range), band-major
     total = m_tiles * n_tiles
-    grid = n_units if phase == "shrink" else min(sms, total)
+    grid = m_tiles if phase == "shrink" else min(sms, total)
     # The CTAs with one tile fewer (the last total % grid of the strided order) do the shrink:
     # CTA c takes the tiles rot(c), rot(c) + grid, ... with rot(c) = (c + total % grid) % grid,
     # so CTAs 0 .. n_shrink - 1 are the short ones.
     spare = (grid - total % grid) % grid
-    n_shrink = n_units if phase == "shrink" else min(n_units, grid, max(spare, 1))
+    n_shrink = m_tiles if phase == "shrink" else min(m_tiles, grid, max(spare, 1))
     if phase == "both" and spare == 0:
-        n_shrink = min(n_units, grid)
+        n_shrink = min(m_tiles, grid)
     chained = cfg.chain_tiles and k_steps % cfg.stages == 0 and total >= 2 * grid
 
     def gemm_pipeline(body, compute_context, state=None):
@@ -256,7 +246,7 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
 
     def shrink_pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(kp_steps,), memory_registers=40, in_specs=[x_spec] + [a_spec] * n_a,
+            body, grid=(k_steps,), memory_registers=40, in_specs=[x_spec] + [a_spec] * n_a,
             wg_axis="wg", num_compute_wgs=_WGS, max_concurrent_steps=cfg.stages,
             compute_context=compute_context,
         )  # fmt: skip
@@ -280,19 +270,11 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
         def band_slot(band, q, p):
             return sslot_g[(band * _WGS + q) * nsub + p]
 
-        def shrink_unit(unit):
-            """One band's partial s and h over K range `part` (of `parts`)."""
-            band, part = lax.div(unit, parts), lax.rem(unit, parts)
-            ks = pl.ds(part * (K // parts), K // parts)
-
-            def a_view(slot):
-                if transpose_a:  # [G * K, R]
-                    return a_g.at[pl.ds(slot * K + part * (K // parts), K // parts), :]
-                return a_g.at[pl.ds(slot * R, R), ks]  # [G * R, K]
-
-            a_views = [a_view(band_slot(band, q, p)) for q in range(_WGS) for p in range(nsub)]
+        def shrink_band(band):
+            a_views = [a_g.at[pl.ds(band_slot(band, q, p) * a_rows, a_rows), :]
+                       for q in range(_WGS) for p in range(nsub)]  # fmt: skip
             row_tile = band * _WGS + wg
-            my_rows = pl.ds(part * M + row_tile * tile_m, tile_m)  # this part's rows of s, h
+            my_rows = pl.ds(row_tile * tile_m, tile_m)
 
             @functools.partial(
                 pl.run_scoped,
@@ -339,21 +321,19 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
                         plgpu.copy_smem_to_gmem(s_smem.at[wg], s_g.at[my_rows, :])
                         plgpu.copy_smem_to_gmem(h_smem.at[wg], h_g.at[my_rows, :])
                         plgpu.wait_smem_to_gmem(0, wait_read_only=False)
-                        if sems is not None:  # this part of h is in memory
-                            pl.semaphore_signal(sems.at[row_tile], 1)
+                        if sems is not None:  # h is in memory: this band's tiles may load it
+                            pl.semaphore_signal(sems.at[row_tile], n_tiles)
 
                 rows = pl.ds(band * cta_m, cta_m)
-                shrink_pipeline(mma, compute_context)(x_g.at[rows, ks], *a_views, allocations=ring)
+                shrink_pipeline(mma, compute_context)(x_g.at[rows, :], *a_views, allocations=ring)
 
         if phase in ("both", "shrink"):
 
             @pl.when(cta < n_shrink)
             def _():
-                # Band-major: the first bands' parts, which the first wave of tiles needs,
-                # are done first, side by side.
-                @pl.loop(cta, n_units, step=n_shrink)
-                def _(unit):
-                    shrink_unit(unit)
+                @pl.loop(cta, m_tiles, step=n_shrink)
+                def _(band):
+                    shrink_band(band)
 
         if phase == "shrink":
             return
@@ -365,9 +345,8 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
                 plgpu.SMEM((_WGS, n_out, epi, epi), dtype, transforms=out_tr),
                 plgpu.SMEM((_WGS, n_e, *e_tile), dtype, transforms=e_tr),
             ),
-            h_smem=plgpu.SMEM((_WGS, parts, tile_m, R), dtype, transforms=h_tr),
-            # (wg, piece's e), then (wg, part of h)
-            bars=plgpu.Barrier(num_barriers=_WGS * (nsub + parts)),
+            h_smem=plgpu.SMEM((_WGS, tile_m, R), dtype, transforms=h_tr),
+            bars=plgpu.Barrier(num_barriers=_WGS * (nsub + 1)),  # (wg, piece's e), (wg, h)
             collective_axes="wg",
         )
         def _(ring, out_e, h_smem, bars):
@@ -383,7 +362,7 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
                 my_rows = pl.ds(row_tile * tile_m, tile_m)
                 my_cols = pl.ds(ni * cta_n, tile_n)  # wg_split "m": both own the CTA's columns
                 piece = lambda p: row_tile * nsub + p
-                h_bar = lambda part: bars.at[_WGS * nsub + wg * parts + part]
+                h_bar = bars.at[_WGS * nsub + wg]
 
                 def mma(idx, x_s, w_s, accs):
                     # E shares its buffer with the store's: it loads once the previous tile's
@@ -408,10 +387,8 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
 
                 def fetch_h():
                     if sems is not None:
-                        pl.semaphore_wait(sems.at[row_tile], parts, decrement=False)
-                    for part in range(parts):
-                        rows = pl.ds(part * M + row_tile * tile_m, tile_m)
-                        plgpu.copy_gmem_to_smem(h_g.at[rows, :], h_smem.at[wg, part], h_bar(part))
+                        pl.semaphore_wait(sems.at[row_tile], 1, decrement=False)
+                    plgpu.copy_gmem_to_smem(h_g.at[my_rows, :], h_smem.at[wg], h_bar)
 
                 def fetch_e_and_h():
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -429,18 +406,17 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
                     def _(accs):
                         run_pipeline(accs)
                         pl.when(j == 0)(fetch_h)
-                        for part in range(parts):
-                            plgpu.barrier_wait(h_bar(part))
+                        plgpu.barrier_wait(h_bar)
                         for p in range(nsub):
 
                             @pl.when(live(p))
                             def _(p=p):
                                 plgpu.barrier_wait(bars.at[wg * nsub + p])
                                 e_op = e_smem.at[wg, p]
-                                e_op = e_op.transpose((1, 0)) if transpose_e else e_op
-                                for part in range(parts):  # h's parts: one wgmma each
-                                    h_p = h_smem.at[wg, part, pl.ds(p * SUB, SUB)]
-                                    plgpu.wgmma(accs[p], h_p, e_op)
+                                plgpu.wgmma(
+                                    accs[p], h_smem.at[wg, pl.ds(p * SUB, SUB)],
+                                    e_op.transpose((1, 0)) if transpose_e else e_op,
+                                )  # fmt: skip
 
                         plgpu.wgmma_wait(0)
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -483,7 +459,7 @@ def _kernel_call(xshape, N, R, G, dtype, transpose_w, transpose_a, transpose_e, 
     # Named per use, so a profile tells the forward's launch from the backward's.
     kernel.__name__ = f"lora_in_gemm_{phase}_{'dx' if transpose_w else 'y'}_s{cfg.stages}"
     y_t = jax.ShapeDtypeStruct((M, N), dtype)
-    sr_t = jax.ShapeDtypeStruct((parts * M, R), dtype)  # the parts of s (or h), stacked
+    sr_t = jax.ShapeDtypeStruct((M, R), dtype)
     out_type = {"both": (y_t, sr_t, sr_t), "shrink": (sr_t, sr_t), "gemm": y_t}[phase]
     return plgpu.kernel(
         kernel,

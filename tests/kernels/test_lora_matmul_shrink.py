@@ -60,10 +60,8 @@ def test_kernel_against_numpy(cfg, transposed, a_stored):
         transpose_a=a_stored, transpose_e=transposed, cfg=cfg, interpret=True, num_sms=3,
     )  # fmt: skip
     want_y, want_s = _want(x, w, a, e, row_slot, scale)
-    assert s.shape == (ms.k_parts(cfg.tile_k, K), M, R)  # partial sums over K ranges
-    s = np.asarray(s, np.float32).sum(0)
     assert _rel(y, want_y) < 5e-3 and _rel(s, want_s) < 5e-3
-    assert not s[468:].any()  # rows past every slot: s = 0
+    assert not np.asarray(s, np.float32)[468:].any()  # rows past every slot: s = 0
 
 
 @pytest.mark.parametrize("transposed", [False, True])
