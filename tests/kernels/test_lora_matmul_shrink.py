@@ -123,3 +123,14 @@ def test_one_slot_plans_and_errors():
     with pytest.raises(ValueError, match="sync"):
         ms.matmul_lora(x, w, jnp.swapaxes(a, 1, 2), b, jnp.zeros((4,), jnp.int32),
                        jnp.zeros((5,), jnp.int32), scale, cfg=SMALL, sync="spin")  # fmt: skip
+
+
+def test_stages_fit_shared_memory():
+    """4 stages at rank 16 (the store buffer and E share one region), 3 at ranks 32 and 48, and
+    rank 64 does not fit either (lora_linear then keeps the separate shrink)."""
+    assert [ms.config_for(R).stages for R in (16, 32, 48)] == [4, 3, 3]
+    for R in (16, 32, 48):
+        assert ms.supports(4096, 4096, 4096, R, jnp.bfloat16, ms.config_for(R))
+        assert ms.smem_bytes(ms.config_for(R), R) <= mm._SMEM_BYTES
+    assert not ms.supports(4096, 4096, 4096, 64, jnp.bfloat16, ms.config_for(64))
+    assert ms._out_e_slots(mm.GemmConfig(), 16) == (1, 2)  # 8 KB each side per warpgroup
