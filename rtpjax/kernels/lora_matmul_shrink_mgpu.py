@@ -63,7 +63,7 @@ SUB = 64  # rows per wgmma instruction: the piece that has one slot
 _WGS = mm._COMPUTE_WGS
 SYNCS = ("semaphore", "two_launch")
 
-DEFAULT_CONFIG = mm.GemmConfig()  # 4 stages fit at rank 16 (config_for: 3 above)
+DEFAULT_CONFIG = mm.DEFAULT_CONFIG  # 4 stages fit beside rank 16 (config_for: 3 at 32, 48)
 
 
 def _out_e_slots(cfg: mm.GemmConfig, R: int, itemsize: int = 2) -> tuple[int, int] | None:
