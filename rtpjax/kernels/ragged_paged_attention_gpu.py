@@ -42,6 +42,7 @@ _MASK = rpa.MASK_VALUE
 DECODE_PREFETCH = 0
 PREFILL_PREFETCH = 1
 DECODE_WAVES = 2
+ONE_TILE_MAX_KEYS = 128  # short decode ranges: one tile of up to this many keys per split
 
 
 def supports(head_dim: int, dtype: jnp.dtype) -> bool:
@@ -117,10 +118,16 @@ def choose_config(
         bq = max(1, block_m // G)
         programs = rpa.num_q_blocks(num_tokens, max_seqs, bq) * num_kv_heads
         txh = num_tokens * num_q_heads * head_dim
-        # Measured on the H100 (docs/kernels/attention.md, seventh session): with fewer programs
-        # than multiprocessors, tiles of 32 keys and 4 waves of splits shorten each program's
-        # chain of dependent loads; with the grid full and no split, 2 stages beat 3.
-        few = programs < (num_sms or _sm_count())
+        # Measured on the H100 (docs/kernels/attention.md, seventh and tenth sessions): with
+        # fewer programs than multiprocessors and a short kv range, one tile per split and
+        # about one program per multiprocessor (the chain of dependent loads is shortest);
+        # with longer ranges, tiles of 32 keys and 4 waves of splits; with the grid full and
+        # no split, 2 stages beat 3.
+        sms = num_sms or _sm_count()
+        few = programs < sms
+        one_tile = max(32, rpa._pow2_at_least(-(-max_kv_len // -(-sms // programs))))
+        if few and one_tile <= ONE_TILE_MAX_KEYS:
+            return GpuConfig(block_m, one_tile, -(-max_kv_len // one_tile), 4, 2, DECODE_PREFETCH)
         block_s = 32 if few else 64
         splits = num_splits(programs, max_kv_len, block_s, txh, num_sms, waves=4 if few else 2)
         stages = 2 if splits == 1 else 3

@@ -281,6 +281,10 @@ def test_choose_config_decode_and_prefill():
     small = gpu.choose_config(1, 1, 32, 8, 128, 8192, num_sms=132)
     assert small.num_splits > 8  # few programs: split the kv range (flash-decoding)
     assert (small.block_s, small.num_stages) == (32, 3)  # short tiles, a deeper ring
+    # A short range over few programs: one tile per split, about one program per SM.
+    for ctx, block_s in ((512, 32), (2048, 128)):
+        short = gpu.choose_config(1, 1, 32, 8, 128, ctx, max_q_len=1, num_sms=132)
+        assert (short.block_s, short.num_splits, short.num_stages) == (block_s, 16, 2)
     pre = gpu.choose_config(4096, 8, 32, 8, 128, 4096, max_q_len=4096, num_sms=132)
     assert (pre.block_m, pre.num_splits) == (128, 1)
 
