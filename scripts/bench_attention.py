@@ -456,6 +456,11 @@ def main() -> None:
         "--prefix-only", action="store_true", help="only the prefill-over-cached-prefix section"
     )
     ap.add_argument("--decode-only", action="store_true", help="only the decode section")
+    ap.add_argument(
+        "--decode-shapes",
+        default=None,
+        help="with --decode-only: BATCHxCONTEXT,... (e.g. 1x512,8x2048) instead of the full grid",
+    )
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script: interpret mode")
     ap.add_argument("--once", default=None, help="B,ctx,q_len: 3 plain calls, for ncu")
@@ -512,7 +517,15 @@ def main() -> None:
         batches, contexts = (
             ([1, 3], [64]) if args.smoke else ([1, 8, 64, 256], [512, 2048, 8192, 32768])
         )
-        decode_section(rng, results, copy_bw, batches, contexts, args.page_size)
+        if args.decode_shapes:
+            for shape in args.decode_shapes.split(","):
+                try:
+                    B, ctx = (int(x) for x in shape.lower().split("x"))
+                except ValueError:
+                    ap.error(f"--decode-shapes: {shape!r} is not BATCHxCONTEXT (e.g. 8x2048)")
+                decode_section(rng, results, copy_bw, [B], [ctx], args.page_size)
+        else:
+            decode_section(rng, results, copy_bw, batches, contexts, args.page_size)
         dump()
         print_decode_table(results, copy_bw)
         return
