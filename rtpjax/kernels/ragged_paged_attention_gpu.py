@@ -43,6 +43,7 @@ DECODE_PREFETCH = 0
 PREFILL_PREFETCH = 1
 DECODE_WAVES = 2
 ONE_TILE_MAX_KEYS = 128  # short decode ranges: one tile of up to this many keys per split
+MAX_SPLITS = 64
 
 
 def supports(head_dim: int, dtype: jnp.dtype) -> bool:
@@ -75,6 +76,10 @@ class GpuConfig:
             raise ValueError(f"GpuConfig.num_splits={self.num_splits} must be >= 1")
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _sm_count() -> int:
     try:
         return int(getattr(jax.devices()[0], "core_count", 0)) or 132
@@ -92,7 +97,7 @@ def num_splits(
 ) -> int:
     """kv splits so that about `waves` programs per multiprocessor exist, each with >= 2 tiles."""
     target = waves * (num_sms or _sm_count())
-    splits = max(1, min(-(-target // programs), -(-max_kv_len // (2 * block_s)), 64))
+    splits = max(1, min(_cdiv(target, programs), _cdiv(max_kv_len, 2 * block_s), MAX_SPLITS))
     # Partials are splits x T x N x H floats: keep them small against the KV read.
     while splits > 1 and splits * tokens_x_heads_x_dim * 4 > (64 << 20):
         splits //= 2
@@ -125,9 +130,12 @@ def choose_config(
         # no split, 2 stages beat 3.
         sms = num_sms or _sm_count()
         few = programs < sms
-        one_tile = max(32, rpa._pow2_at_least(-(-max_kv_len // -(-sms // programs))))
-        if few and one_tile <= ONE_TILE_MAX_KEYS:
-            return GpuConfig(block_m, one_tile, -(-max_kv_len // one_tile), 4, 2, DECODE_PREFETCH)
+        if few:
+            splits_per_sm = _cdiv(sms, programs)  # splits for about one program per SM
+            tile = max(32, rpa._pow2_at_least(_cdiv(max_kv_len, splits_per_sm)))
+            splits = _cdiv(max_kv_len, tile)
+            if tile <= ONE_TILE_MAX_KEYS and splits <= MAX_SPLITS:
+                return GpuConfig(block_m, tile, splits, 4, 2, DECODE_PREFETCH)
         block_s = 32 if few else 64
         splits = num_splits(programs, max_kv_len, block_s, txh, num_sms, waves=4 if few else 2)
         stages = 2 if splits == 1 else 3

@@ -285,6 +285,8 @@ def test_choose_config_decode_and_prefill():
     for ctx, block_s in ((512, 32), (2048, 128)):
         short = gpu.choose_config(1, 1, 32, 8, 128, ctx, max_q_len=1, num_sms=132)
         assert (short.block_s, short.num_splits, short.num_stages) == (block_s, 16, 2)
+    one_program = gpu.choose_config(1, 1, 8, 1, 128, 4096, max_q_len=1, num_sms=132)
+    assert one_program.num_splits <= gpu.MAX_SPLITS  # one tile each would need 128 splits
     pre = gpu.choose_config(4096, 8, 32, 8, 128, 4096, max_q_len=4096, num_sms=132)
     assert (pre.block_m, pre.num_splits) == (128, 1)
 
