@@ -44,6 +44,9 @@ PREFILL_PREFETCH = 1
 DECODE_WAVES = 2
 ONE_TILE_MAX_KEYS = 128  # short decode ranges: one tile of up to this many keys per split
 MAX_SPLITS = 64
+# The merge kernel: one warp per output row up to this many splits (its reduction stays in
+# the warp), four past it (measured, docs/kernels/attention.md, tenth session).
+MERGE_ONE_WARP_MAX_SPLITS = 16
 
 
 def supports(head_dim: int, dtype: jnp.dtype) -> bool:
@@ -322,7 +325,9 @@ def _merge(acc, m, l, num_seqs, cu_q_lens, S: int, T: int, N: int, dtype, interp
         functools.partial(_merge_kernel, S=S, TN=TN, N=N),
         out_shape=jax.ShapeDtypeStruct((TN, H), dtype),
         grid=(TN,),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=1 if S <= MERGE_ONE_WARP_MAX_SPLITS else 4, num_stages=1
+        ),
         interpret=interpret,
         name=f"ragged_paged_attention_merge_x{S}",
     )(num_seqs.astype(jnp.int32), cu_q_lens, acc, m, l)
