@@ -79,10 +79,6 @@ class GpuConfig:
             raise ValueError(f"GpuConfig.num_splits={self.num_splits} must be >= 1")
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _sm_count() -> int:
     try:
         return int(getattr(jax.devices()[0], "core_count", 0)) or 132
@@ -100,7 +96,7 @@ def num_splits(
 ) -> int:
     """kv splits so that about `waves` programs per multiprocessor exist, each with >= 2 tiles."""
     target = waves * (num_sms or _sm_count())
-    splits = max(1, min(_cdiv(target, programs), _cdiv(max_kv_len, 2 * block_s), MAX_SPLITS))
+    splits = max(1, min(pl.cdiv(target, programs), pl.cdiv(max_kv_len, 2 * block_s), MAX_SPLITS))
     # Partials are splits x T x N x H floats: keep them small against the KV read.
     while splits > 1 and splits * tokens_x_heads_x_dim * 4 > (64 << 20):
         splits //= 2
@@ -134,9 +130,9 @@ def choose_config(
         sms = num_sms or _sm_count()
         few = programs < sms
         if few:
-            splits_per_sm = _cdiv(sms, programs)  # splits for about one program per SM
-            tile = max(32, rpa._pow2_at_least(_cdiv(max_kv_len, splits_per_sm)))
-            splits = _cdiv(max_kv_len, tile)
+            splits_per_sm = pl.cdiv(sms, programs)  # splits for about one program per SM
+            tile = max(32, rpa._pow2_at_least(pl.cdiv(max_kv_len, splits_per_sm)))
+            splits = pl.cdiv(max_kv_len, tile)
             if tile <= ONE_TILE_MAX_KEYS and splits <= MAX_SPLITS:
                 return GpuConfig(block_m, tile, splits, 4, 2, DECODE_PREFETCH)
         block_s = 32 if few else 64
