@@ -43,6 +43,11 @@ DECODE_PREFETCH = 0
 PREFILL_PREFETCH = 1
 DECODE_WAVES = 2
 ONE_TILE_MAX_KEYS = 128  # short decode ranges: one tile of up to this many keys per split
+# Mid-length decode ranges over few programs: one program per multiprocessor, tiles of 64 keys
+# in a ring this deep, where each split then holds this many keys (eleventh session).
+DEEP_RING_STAGES = 5
+DEEP_RING_SPLIT_KEYS = (512, 2048)
+_SMEM_BUDGET = 200 * 1024  # of the H100's 227 KB per block, for the K/V ring
 MAX_SPLITS = 64
 # The merge kernel: one warp per output row up to this many splits (its reduction stays in
 # the warp), four past it (measured, docs/kernels/attention.md, tenth session).
@@ -112,8 +117,9 @@ def choose_config(
     max_kv_len: int,
     max_q_len: int | None = None,
     num_sms: int | None = None,
+    itemsize: int = 2,
 ) -> GpuConfig:
-    """Block shapes from static shapes only (one compile per bucket)."""
+    """Block shapes from static shapes only (one compile per bucket); itemsize: the KV's."""
     G = num_q_heads // num_kv_heads
     q_hint = max_q_len if max_q_len is not None else (1 if num_tokens <= max_seqs else num_tokens)
     q_hint = max(1, min(q_hint, num_tokens))
@@ -122,11 +128,12 @@ def choose_config(
         bq = max(1, block_m // G)
         programs = rpa.num_q_blocks(num_tokens, max_seqs, bq) * num_kv_heads
         txh = num_tokens * num_q_heads * head_dim
-        # Measured on the H100 (docs/kernels/attention.md, seventh and tenth sessions): with
-        # fewer programs than multiprocessors and a short kv range, one tile per split and
-        # about one program per multiprocessor (the chain of dependent loads is shortest);
-        # with longer ranges, tiles of 32 keys and 4 waves of splits; with the grid full and
-        # no split, 2 stages beat 3.
+        # Measured on the H100 (docs/kernels/attention.md, seventh, tenth and eleventh
+        # sessions): with fewer programs than multiprocessors and a short kv range, one tile
+        # per split and about one program per multiprocessor (the chain of dependent loads is
+        # shortest); with 512-2,048 keys per split at one program per multiprocessor, that
+        # grid with tiles of 64 keys in a 5-deep ring; with longer ranges, tiles of 32 keys
+        # and 4 waves of splits; with the grid full and no split, 2 stages beat 3.
         sms = num_sms or _sm_count()
         few = programs < sms
         if few:
@@ -135,6 +142,11 @@ def choose_config(
             splits = pl.cdiv(max_kv_len, tile)
             if tile <= ONE_TILE_MAX_KEYS and splits <= MAX_SPLITS:
                 return GpuConfig(block_m, tile, splits, 4, 2, DECODE_PREFETCH)
+            splits = min(sms // programs, MAX_SPLITS)  # whole multiprocessors: no second wave
+            lo_keys, hi_keys = DEEP_RING_SPLIT_KEYS
+            ring_fits = DEEP_RING_STAGES * 2 * 64 * head_dim * itemsize <= _SMEM_BUDGET
+            if ring_fits and splits >= 2 and lo_keys <= pl.cdiv(max_kv_len, splits) <= hi_keys:
+                return GpuConfig(block_m, 64, splits, 4, DEEP_RING_STAGES, DECODE_PREFETCH)
         block_s = 32 if few else 64
         splits = num_splits(programs, max_kv_len, block_s, txh, num_sms, waves=4 if few else 2)
         stages = 2 if splits == 1 else 3
@@ -352,7 +364,9 @@ def gpu_ragged_paged_attention(
     B, pps = page_indices.shape
     if H not in HEAD_DIMS:
         raise ValueError(f"head_dim={H} is not supported by the GPU kernel: use one of {HEAD_DIMS}")
-    cfg = config or choose_config(T, B, N, K, H, pps * page_size, max_q_len)
+    cfg = config or choose_config(
+        T, B, N, K, H, pps * page_size, max_q_len, itemsize=jnp.dtype(kv_pages.dtype).itemsize
+    )
     if cfg.block_m < G:
         raise ValueError(
             f"GpuConfig.block_m={cfg.block_m} must be >= G={G} query heads per kv head"

@@ -278,9 +278,17 @@ def test_gpu_path_picks_mosaic_kernel_for_prefill_on_hopper(monkeypatch):
 def test_choose_config_decode_and_prefill():
     dec = gpu.choose_config(64, 64, 32, 8, 128, 2048, num_sms=132)
     assert (dec.block_m, dec.block_s, dec.num_splits, dec.num_stages) == (16, 64, 1, 2)
-    small = gpu.choose_config(1, 1, 32, 8, 128, 8192, num_sms=132)
-    assert small.num_splits > 8  # few programs: split the kv range (flash-decoding)
-    assert (small.block_s, small.num_stages) == (32, 3)  # short tiles, a deeper ring
+    # Few programs: split the kv range (flash-decoding). 512-2,048 keys per split at one
+    # program per SM: that grid, tiles of 64 keys, a 5-deep ring.
+    for B, ctx, splits in ((1, 8192, 16), (1, 32768, 16), (4, 2048, 4), (8, 2048, 2)):
+        mid = gpu.choose_config(B, B, 32, 8, 128, ctx, max_q_len=1, num_sms=132)
+        assert (mid.block_s, mid.num_splits, mid.num_stages) == (64, splits, 5), (B, ctx)
+    # Longer ranges, or a ring too big for shared memory (float32 KV at head_dim 128), or
+    # splits too short to fill it: short tiles, many splits, 3 stages.
+    for B, ctx, itemsize in ((8, 8192, 2), (1, 8192, 4), (8, 512, 2)):
+        small = gpu.choose_config(B, B, 32, 8, 128, ctx, max_q_len=1, num_sms=132,
+                                  itemsize=itemsize)  # fmt: skip
+        assert small.num_splits >= 8 and (small.block_s, small.num_stages) == (32, 3), (B, ctx)
     # A short range over few programs: one tile per split, about one program per SM.
     for ctx, block_s in ((512, 32), (2048, 128)):
         short = gpu.choose_config(1, 1, 32, 8, 128, ctx, max_q_len=1, num_sms=132)
