@@ -418,17 +418,53 @@ def write_kv_check(results) -> None:
     say(f"  in place: {same}; {t * 1e6:.1f} us per call (256 tokens, includes dispatch)")
 
 
-def print_decode_table(results, copy_bw: float) -> None:
+def print_decode_table(results, copy_bw: float, key: str = "decode") -> None:
     print("\n=== decode: device time per call in an 8-layer step (profiler) against the copy "
           f"bandwidth {copy_bw / 1e12:.2f} TB/s and against a copy of the same bytes; then the "
           "fori_loop time (includes the loop's own cost) ===")  # fmt: skip
-    for r in results["decode"]:
+    for r in results[key]:
         if "time_us" in r:
             print(f"B={r['batch']:<4} ctx={r['context']:<6} device {r['device_us']:8.1f} us "
                   f"{r['device_tb_s']:5.2f} TB/s {r['device_frac_copy']:6.1%} of copy; "
                   f"same-bytes copy {r['copy_device_us']:7.1f} us "
                   f"({r['frac_copy_same_bytes']:6.1%}) | loop {r['time_us']:8.1f} us "
-                  f"{r['frac_copy']:6.1%}  err {r['rel_err']:.1e}")  # fmt: skip
+                  f"{r['frac_copy']:6.1%}  err {r['rel_err']:.1e}"
+                  + (f"  {r['config']}" if key != "decode" else ""))  # fmt: skip
+
+
+def decode_configs(spec: str):
+    """--decode-configs: a function (B, ctx) -> [GpuConfig | None] for decode_section. Items:
+    `default` (choose_config) or SPLITS/BLOCK_S/STAGES[/WARPS], SPLITS an integer or `sm`,
+    `2sm`... (that many programs per multiprocessor: multiprocessors x n // (B x 8 kv heads))."""
+    items = []
+    for item in spec.split(","):
+        if item == "default":
+            items.append(None)
+            continue
+        parts = item.split("/")
+        if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts[1:]):
+            raise ValueError(
+                f"--decode-configs: {item!r} is not `default` or SPLITS/BLOCK_S/STAGES[/WARPS]"
+            )
+        splits = parts[0]
+        if not (splits.isdigit() or splits == "sm" or splits.removesuffix("sm").isdigit()):
+            raise ValueError(f"--decode-configs: splits {splits!r} must be an integer or Nsm")
+        items.append((splits, *(int(p) for p in parts[1:])))
+
+    def configs(B, ctx):
+        out = []
+        for it in items:
+            if it is None:
+                out.append(None)
+                continue
+            splits, bs, stages, *warps = it
+            if splits.endswith("sm"):
+                per_sm = int(splits.removesuffix("sm") or 1)
+                splits = max(1, min(gpu.MAX_SPLITS, gpu._sm_count() * per_sm // (B * 8)))
+            out.append(gpu.GpuConfig(16, bs, int(splits), warps[0] if warps else 4, stages, 0))
+        return out
+
+    return configs
 
 
 def print_prefix_table(results) -> None:
@@ -460,6 +496,12 @@ def main() -> None:
         "--decode-shapes",
         default=None,
         help="with --decode-only: BATCHxCONTEXT,... (e.g. 1x512,8x2048) instead of the full grid",
+    )
+    ap.add_argument(
+        "--decode-configs",
+        default=None,
+        help="with --decode-only: compare kernel shapes, e.g. default,sm/64/5,16/32/3 "
+        "(SPLITS/BLOCK_S/STAGES[/WARPS]; SPLITS `sm` = one program per multiprocessor)",
     )
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script: interpret mode")
@@ -517,17 +559,21 @@ def main() -> None:
         batches, contexts = (
             ([1, 3], [64]) if args.smoke else ([1, 8, 64, 256], [512, 2048, 8192, 32768])
         )
+        try:
+            cfgs = decode_configs(args.decode_configs) if args.decode_configs else None
+        except ValueError as e:
+            ap.error(str(e))
         if args.decode_shapes:
             for shape in args.decode_shapes.split(","):
                 try:
                     B, ctx = (int(x) for x in shape.lower().split("x"))
                 except ValueError:
                     ap.error(f"--decode-shapes: {shape!r} is not BATCHxCONTEXT (e.g. 8x2048)")
-                decode_section(rng, results, copy_bw, [B], [ctx], args.page_size)
+                decode_section(rng, results, copy_bw, [B], [ctx], args.page_size, cfgs)
         else:
-            decode_section(rng, results, copy_bw, batches, contexts, args.page_size)
+            decode_section(rng, results, copy_bw, batches, contexts, args.page_size, cfgs)
         dump()
-        print_decode_table(results, copy_bw)
+        print_decode_table(results, copy_bw, "decode_sweep" if cfgs else "decode")
         return
     try:
         if not args.skip_suite and not args.smoke:
