@@ -47,7 +47,7 @@ ONE_TILE_MAX_KEYS = 128  # short decode ranges: one tile of up to this many keys
 # in a ring this deep, where each split then holds this many keys (eleventh session).
 DEEP_RING_STAGES = 5
 DEEP_RING_SPLIT_KEYS = (512, 2048)
-_SMEM_BUDGET = 200 * 1024  # of the H100's 227 KB per block, for the K/V ring
+_SMEM_HEADROOM = 27 * 1024  # shared memory kept for the kernel's other scratch
 MAX_SPLITS = 64
 # The merge kernel: one warp per output row up to this many splits (its reduction stays in
 # the warp), four past it (measured, docs/kernels/attention.md, tenth session).
@@ -91,6 +91,17 @@ def _sm_count() -> int:
         return 132
 
 
+def _smem_per_block() -> int:
+    """Opt-in shared memory per block (CUDA guide, by compute capability): 227 KB on 9.x and
+    10.x, 163 KB on 8.0 and 8.7, 99 KB on the rest; as the H100 where there is no CUDA device
+    (interpret mode), so configurations match the GPU's."""
+    cc = str(getattr(jax.devices()[0], "compute_capability", "") or "9.0")
+    major, _, minor = cc.partition(".")
+    if major in ("9", "10"):
+        return 227 * 1024
+    return (163 if (major, minor) in (("8", "0"), ("8", "7")) else 99) * 1024
+
+
 def num_splits(
     programs: int,
     max_kv_len: int,
@@ -118,8 +129,10 @@ def choose_config(
     max_q_len: int | None = None,
     num_sms: int | None = None,
     itemsize: int = 2,
+    smem_bytes: int | None = None,
 ) -> GpuConfig:
-    """Block shapes from static shapes only (one compile per bucket); itemsize: the KV's."""
+    """Block shapes from static shapes only (one compile per bucket); itemsize: the KV's;
+    smem_bytes: shared memory per block (default: the device's)."""
     G = num_q_heads // num_kv_heads
     q_hint = max_q_len if max_q_len is not None else (1 if num_tokens <= max_seqs else num_tokens)
     q_hint = max(1, min(q_hint, num_tokens))
@@ -144,7 +157,8 @@ def choose_config(
                 return GpuConfig(block_m, tile, splits, 4, 2, DECODE_PREFETCH)
             splits = min(sms // programs, MAX_SPLITS)  # whole multiprocessors: no second wave
             lo_keys, hi_keys = DEEP_RING_SPLIT_KEYS
-            ring_fits = DEEP_RING_STAGES * 2 * 64 * head_dim * itemsize <= _SMEM_BUDGET
+            ring = DEEP_RING_STAGES * 2 * 64 * head_dim * itemsize
+            ring_fits = ring + _SMEM_HEADROOM <= (smem_bytes or _smem_per_block())
             if ring_fits and splits >= 2 and lo_keys <= pl.cdiv(max_kv_len, splits) <= hi_keys:
                 return GpuConfig(block_m, 64, splits, 4, DEEP_RING_STAGES, DECODE_PREFETCH)
         block_s = 32 if few else 64

@@ -283,11 +283,13 @@ def test_choose_config_decode_and_prefill():
     for B, ctx, splits in ((1, 8192, 16), (1, 32768, 16), (4, 2048, 4), (8, 2048, 2)):
         mid = gpu.choose_config(B, B, 32, 8, 128, ctx, max_q_len=1, num_sms=132)
         assert (mid.block_s, mid.num_splits, mid.num_stages) == (64, splits, 5), (B, ctx)
-    # Longer ranges, or a ring too big for shared memory (float32 KV at head_dim 128), or
-    # splits too short to fill it: short tiles, many splits, 3 stages.
-    for B, ctx, itemsize in ((8, 8192, 2), (1, 8192, 4), (8, 512, 2)):
+    # Longer ranges, or a ring too big for shared memory (float32 KV at head_dim 128 on an
+    # H100; bf16 on a GPU with 163 KB a block), or splits too short to fill it: short tiles,
+    # many splits, 3 stages.
+    for B, ctx, itemsize, smem in ((8, 8192, 2, None), (1, 8192, 4, None), (8, 512, 2, None),
+                                   (1, 8192, 2, 163 * 1024)):  # fmt: skip
         small = gpu.choose_config(B, B, 32, 8, 128, ctx, max_q_len=1, num_sms=132,
-                                  itemsize=itemsize)  # fmt: skip
+                                  itemsize=itemsize, smem_bytes=smem)  # fmt: skip
         assert small.num_splits >= 8 and (small.block_s, small.num_stages) == (32, 3), (B, ctx)
     # A short range over few programs: one tile per split, about one program per SM.
     for ctx, block_s in ((512, 32), (2048, 128)):
