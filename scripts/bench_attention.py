@@ -51,9 +51,12 @@ from attention_bench_common import (
     attn_fn,
     check,
     copy_bandwidth,
+    decode_configs,
     loop_overhead,
     make_problem,
     median_time,
+    print_decode_table,
+    print_prefix_table,
     reference,
     rel_err,
     say,
@@ -416,67 +419,6 @@ def write_kv_check(results) -> None:
     t = (time.perf_counter() - t) / 100
     results["write_kv"] = dict(in_place=bool(same), time_us=t * 1e6)
     say(f"  in place: {same}; {t * 1e6:.1f} us per call (256 tokens, includes dispatch)")
-
-
-def print_decode_table(results, copy_bw: float, key: str = "decode") -> None:
-    print("\n=== decode: device time per call in an 8-layer step (profiler) against the copy "
-          f"bandwidth {copy_bw / 1e12:.2f} TB/s and against a copy of the same bytes; then the "
-          "fori_loop time (includes the loop's own cost) ===")  # fmt: skip
-    for r in results[key]:
-        if "time_us" in r:
-            print(f"B={r['batch']:<4} ctx={r['context']:<6} device {r['device_us']:8.1f} us "
-                  f"{r['device_tb_s']:5.2f} TB/s {r['device_frac_copy']:6.1%} of copy; "
-                  f"same-bytes copy {r['copy_device_us']:7.1f} us "
-                  f"({r['frac_copy_same_bytes']:6.1%}) | loop {r['time_us']:8.1f} us "
-                  f"{r['frac_copy']:6.1%}  err {r['rel_err']:.1e}"
-                  + (f"  {r['config']}" if key != "decode" else ""))  # fmt: skip
-
-
-def decode_configs(spec: str):
-    """--decode-configs: a function (B, ctx) -> [GpuConfig | None] for decode_section. Items:
-    `default` (choose_config) or SPLITS/BLOCK_S/STAGES[/WARPS], SPLITS an integer or `sm`,
-    `2sm`... (that many programs per multiprocessor: multiprocessors x n // (B x 8 kv heads))."""
-    items = []
-    for item in spec.split(","):
-        if item == "default":
-            items.append(None)
-            continue
-        parts = item.split("/")
-        if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts[1:]):
-            raise ValueError(
-                f"--decode-configs: {item!r} is not `default` or SPLITS/BLOCK_S/STAGES[/WARPS]"
-            )
-        splits = parts[0]
-        if not (splits.isdigit() or splits == "sm" or splits.removesuffix("sm").isdigit()):
-            raise ValueError(f"--decode-configs: splits {splits!r} must be an integer or Nsm")
-        items.append((splits, *(int(p) for p in parts[1:])))
-
-    def configs(B, ctx):
-        out = []
-        for it in items:
-            if it is None:
-                out.append(None)
-                continue
-            splits, bs, stages, *warps = it
-            if splits.endswith("sm"):
-                per_sm = int(splits.removesuffix("sm") or 1)
-                splits = max(1, min(gpu.MAX_SPLITS, gpu._sm_count() * per_sm // (B * 8)))
-            out.append(gpu.GpuConfig(16, bs, int(splits), warps[0] if warps else 4, stages, 0))
-        return out
-
-    return configs
-
-
-def print_prefix_table(results) -> None:
-    print("=== prefill over a cached prefix (ours: two cuDNN calls + LSE merge) ===")
-    for r in results.get("prefix_prefill", []):
-        if "time_us" in r:
-            print(f"{r['seqs']} x (chunk {r['chunk']:<5} prefix {r['prefix']:<5})"
-                  f" {r['tflops']:6.1f} TFLOP/s"
-                  f"  plain cuDNN {r.get('cudnn_tflops', float('nan')):6.1f}"
-                  f"  ratio {r.get('vs_cudnn', float('nan')):.2f}"
-                  f"  vs paged {r.get('vs_paged', float('nan')):.2f}"
-                  f"  err {r['rel_err']:.1e}")  # fmt: skip
 
 
 def main() -> None:

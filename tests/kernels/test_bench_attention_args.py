@@ -2,7 +2,6 @@
 
 import importlib.util
 import pathlib
-import sys
 
 import pytest
 
@@ -13,16 +12,13 @@ SCRIPTS = pathlib.Path(__file__).parents[2] / "scripts"
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(SCRIPTS))  # the script imports attention_bench_common beside it
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "bench_attention", SCRIPTS / "bench_attention.py"
-        )
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    """The benchmark's helpers module (it holds --decode-configs' parser)."""
+    spec = importlib.util.spec_from_file_location(
+        "attention_bench_common", SCRIPTS / "attention_bench_common.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_decode_configs_per_shape(bench, monkeypatch):
