@@ -45,6 +45,7 @@ DECODE_WAVES = 2
 ONE_TILE_MAX_KEYS = 128  # short decode ranges: one tile of up to this many keys per split
 # Mid-length decode ranges over few programs: one program per multiprocessor, tiles of 64 keys
 # in a ring this deep, where each split then holds this many keys (eleventh session).
+DEEP_RING_BLOCK_S = 64
 DEEP_RING_STAGES = 5
 DEEP_RING_SPLIT_KEYS = (512, 2048)
 _SMEM_HEADROOM = 27 * 1024  # shared memory kept for the kernel's other scratch
@@ -157,10 +158,11 @@ def choose_config(
                 return GpuConfig(block_m, tile, splits, 4, 2, DECODE_PREFETCH)
             splits = min(sms // programs, MAX_SPLITS)  # whole multiprocessors: no second wave
             lo_keys, hi_keys = DEEP_RING_SPLIT_KEYS
-            ring = DEEP_RING_STAGES * 2 * 64 * head_dim * itemsize
+            bs, stages = DEEP_RING_BLOCK_S, DEEP_RING_STAGES
+            ring = stages * 2 * bs * head_dim * itemsize  # K and V tiles in flight
             ring_fits = ring + _SMEM_HEADROOM <= (smem_bytes or _smem_per_block())
             if ring_fits and splits >= 2 and lo_keys <= pl.cdiv(max_kv_len, splits) <= hi_keys:
-                return GpuConfig(block_m, 64, splits, 4, DEEP_RING_STAGES, DECODE_PREFETCH)
+                return GpuConfig(block_m, bs, splits, 4, stages, DECODE_PREFETCH)
         block_s = 32 if few else 64
         splits = num_splits(programs, max_kv_len, block_s, txh, num_sms, waves=4 if few else 2)
         stages = 2 if splits == 1 else 3

@@ -301,6 +301,17 @@ def test_choose_config_decode_and_prefill():
     assert (pre.block_m, pre.num_splits) == (128, 1)
 
 
+@pytest.mark.parametrize(
+    "cc, kib", [("9.0", 227), ("10.0", 227), ("8.0", 163), ("8.7", 163), ("8.9", 99), ("12.0", 99)]
+)
+def test_smem_per_block_by_compute_capability(monkeypatch, cc, kib):
+    class Dev:
+        compute_capability = cc
+
+    monkeypatch.setattr(gpu.jax, "devices", lambda: [Dev()])
+    assert gpu._smem_per_block() == kib * 1024
+
+
 def test_q_block_map_covers_every_token_once():
     cu = jnp.asarray([0, 1, 6, 6, 23, 23, 23], jnp.int32)  # B=6, one empty live sequence
     blk_seq, blk_q0, _ = rpa.q_block_map(cu, jnp.asarray([4], jnp.int32), 4, 20)
